@@ -1,0 +1,164 @@
+"""A typed registry of model cards.
+
+A card names a model configuration, what it restores, how it may be run, where its
+weights are and how good it is. Built-in cards live as JSON files in
+``models/weights/`` beside their weights; users add their own with :func:`register`
+or by pointing ``MIRNET_CARDS`` at a folder of card files.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, get_args
+
+from torch import nn
+
+from .archs import build, canonical_arch
+from .checkpoints import CheckpointError, load_weights, read_bytes, read_checkpoint, sha256_hex
+
+Task = Literal["denoise", "enhance", "sr", "deblur"]
+TASKS: tuple[str, ...] = get_args(Task)
+WEIGHTS_DIR = Path(__file__).parent / "weights"
+
+
+class NoWeightsError(LookupError):
+    """A card or task has no trained weights available."""
+
+
+@dataclass(frozen=True)
+class ModelCard:
+    name: str
+    arch: str
+    config: dict[str, Any]
+    task: Task
+    scale: int = 1
+    size_multiple: int = 4
+    bf16_safe: bool = True
+    fp16_safe: bool = False
+    weights: str | None = None  # file name in models/weights, a path, or an fsspec URL
+    sha256: str | None = None
+    default: bool = False  # the model `mirnet restore --task TASK [--scale N]` uses
+    summary: str = ""
+    recipe: dict[str, Any] = field(default_factory=dict)
+    metrics: dict[str, Any] = field(default_factory=dict)
+    source_dir: str | None = None  # folder the card file was read from
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "arch", canonical_arch(self.arch))
+        if self.task not in TASKS:
+            raise ValueError(f"card {self.name!r}: task must be one of {TASKS}, got {self.task!r}")
+        if self.scale not in (1, 2, 3, 4):
+            raise ValueError(f"card {self.name!r}: scale must be 1, 2, 3 or 4, got {self.scale}")
+        if (self.task == "sr") != (self.scale > 1):
+            raise ValueError(f"card {self.name!r}: only sr cards have a scale above 1")
+
+    @property
+    def weights_uri(self) -> str | None:
+        if self.weights is None:
+            return None
+        if "://" in self.weights or os.path.isabs(self.weights):
+            return self.weights
+        return str(Path(self.source_dir or WEIGHTS_DIR) / self.weights)
+
+    @property
+    def has_weights(self) -> bool:
+        uri = self.weights_uri
+        return uri is not None and ("://" in uri or Path(uri).is_file())
+
+    def build(self) -> nn.Module:
+        """The architecture with random weights (for training)."""
+        return build(self.arch, **self.config)
+
+    def load(self) -> nn.Module:
+        """The model with its weights, after checking their sha256."""
+        if not self.has_weights:
+            raise NoWeightsError(f"model {self.name!r} ({self.task}) has no trained weights available")
+        uri = self.weights_uri
+        data = read_bytes(uri)
+        if self.sha256 and sha256_hex(data) != self.sha256:
+            raise CheckpointError(uri, f"sha256 {sha256_hex(data)} does not match card {self.name!r} ({self.sha256})")
+        ckpt = read_checkpoint(uri, data=data)
+        model = self.build()
+        load_weights(model, ckpt.state_dict, uri, self.arch, self.config)
+        model.checkpoint = {"arch": self.arch, "config": self.config, "card": self.name, "sha256": sha256_hex(data),
+                            **ckpt.metadata}
+        return model.eval()
+
+    def to_json(self) -> dict[str, Any]:
+        data = dataclasses.asdict(self)
+        data.pop("source_dir")
+        return data
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any], source_dir: str | None = None) -> "ModelCard":
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = set(data) - known
+        if unknown:
+            raise ValueError(f"card {data.get('name')!r}: unknown field(s) {sorted(unknown)}")
+        return cls(**{**data, "source_dir": source_dir})
+
+
+_REGISTRY: dict[str, ModelCard] = {}
+
+
+def register(card: ModelCard, *, replace: bool = False) -> ModelCard:
+    if card.name in _REGISTRY and not replace:
+        raise ValueError(f"a model card named {card.name!r} is already registered")
+    _REGISTRY[card.name] = card
+    return card
+
+
+def get(name: str) -> ModelCard:
+    try:
+        return _REGISTRY[name]
+    except KeyError:
+        raise KeyError(f"no model card named {name!r}; known: {', '.join(sorted(_REGISTRY))}") from None
+
+
+def list_cards() -> list[ModelCard]:
+    return sorted(_REGISTRY.values(), key=lambda c: (c.task, c.scale, c.name))
+
+
+def default_for(task: str, scale: int = 1) -> ModelCard:
+    """The card ``mirnet restore --task TASK`` uses; raises NoWeightsError if it has no weights."""
+    candidates = [c for c in _REGISTRY.values() if c.task == task and c.scale == scale]
+    if not candidates:
+        raise NoWeightsError(f"no model is registered for task {task!r}" + (f" at scale {scale}" if scale > 1 else ""))
+    chosen = next((c for c in candidates if c.default), candidates[0])
+    if not chosen.has_weights:
+        raise NoWeightsError(f"no trained weights are available for task {task!r}"
+                             + (f" at scale x{scale}" if scale > 1 else "")
+                             + f" (card {chosen.name!r} has none yet); pass --model with a checkpoint file")
+    return chosen
+
+
+def load_card_dir(folder: str | Path, *, replace: bool = True) -> list[ModelCard]:
+    """Register every ``*.json`` card file in ``folder``."""
+    cards = []
+    for path in sorted(Path(folder).glob("*.json")):
+        data = json.loads(path.read_text())
+        cards.append(register(ModelCard.from_json(data, source_dir=str(path.parent)), replace=replace))
+    return cards
+
+
+def _register_builtins() -> None:
+    # Architectures at the papers' configurations (no shipped weights): for training and
+    # for users' own official checkpoints.
+    register(ModelCard("mirnet-paper", "mirnet", {}, "denoise", size_multiple=4,
+                       summary="MIRNet at the paper's configuration (31.8M parameters)."))
+    register(ModelCard("mirnet-v2-paper", "mirnet_v2", {}, "denoise", size_multiple=4,
+                       summary="MIRNet-v2 at the paper's configuration (5.9M parameters)."))
+    register(ModelCard("mirnet-tiny", "mirnet", {"n_feat": 8, "n_RRG": 1, "n_MSRB": 1, "height": 2, "width": 2},
+                       "denoise", size_multiple=2, summary="Smallest MIRNet configuration, for tests."))
+    if WEIGHTS_DIR.is_dir():
+        load_card_dir(WEIGHTS_DIR)
+    extra = os.environ.get("MIRNET_CARDS")
+    if extra:
+        for folder in extra.split(os.pathsep):
+            load_card_dir(folder)
+
+
+_register_builtins()

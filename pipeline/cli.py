@@ -1,0 +1,203 @@
+"""The ``mirnet`` command line."""
+from __future__ import annotations
+
+import json
+import logging
+import sys
+from typing import Any
+
+import click
+
+import models
+
+from .engine import EngineError, EngineSettings, Restorer, resolve_model
+from .graph import ClusterOptions
+from .plan import make_plan
+from .runner import execute, summary
+from .stages import JobSpec
+
+USAGE_ERRORS = (EngineError, models.NoWeightsError, models.CheckpointError, ValueError, KeyError,
+                FileNotFoundError, PermissionError)
+
+
+def _fail_usage(error: Exception | str) -> None:
+    message = error.args[0] if isinstance(error, KeyError) and error.args else str(error)
+    click.echo(f"error: {message}", err=True)
+    sys.exit(2)
+
+
+def _json_option(value: str | None, what: str) -> dict[str, Any]:
+    if not value:
+        return {}
+    try:
+        parsed = json.loads(value)
+    except json.JSONDecodeError as exc:
+        raise click.BadParameter(f"{what} must be a JSON object: {exc}") from exc
+    if not isinstance(parsed, dict):
+        raise click.BadParameter(f"{what} must be a JSON object")
+    return parsed
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.option("-v", "--verbose", is_flag=True, help="Log progress details.")
+def main(verbose: bool) -> None:
+    """Restore images with MIRNet / MIRNet-v2, from a laptop to a Ray cluster."""
+    logging.basicConfig(level=logging.INFO if verbose else logging.WARNING, format="%(levelname)s %(message)s")
+
+
+@main.command()
+@click.argument("src")
+@click.argument("dst")
+@click.option("--task", type=click.Choice(["denoise", "enhance", "sr", "deblur"]), help="What to restore.")
+@click.option("--model", help="Model card name, or checkpoint path/URL (default: the task's shipped model).")
+@click.option("--scale", type=click.Choice(["2", "3", "4"]), help="Super-resolution factor (task sr).")
+@click.option("--format", "out_format", type=click.Choice(["png", "jpeg", "tiff", "webp", "bmp"]),
+              help="Output format (default: as input).")
+@click.option("--tile", type=int, help="Tile size in pixels (default: from free device memory; 512 on CPU).")
+@click.option("--overlap", type=int, default=32, show_default=True, help="Tile overlap in pixels.")
+@click.option("--batch-size", type=int, default=4, show_default=True, help="Tiles per model call.")
+@click.option("--precision", type=click.Choice(["auto", "fp32", "bf16", "fp16"]), default="auto", show_default=True,
+              help="auto: fp32 on CPU, bf16 autocast on CUDA where the model allows.")
+@click.option("--device", help="torch device for in-process runs (default: cuda if available).")
+@click.option("--address", help="Ray cluster address ('auto' or host:port); default RAY_ADDRESS, else embedded.")
+@click.option("--num-gpus", type=int, help="GPU replicas (default: every GPU; 0 for CPU replicas).")
+@click.option("--replicas", type=int, help="CPU replicas (default: CPUs / cpus-per-replica).")
+@click.option("--cpus-per-replica", type=int, help="Torch threads per CPU replica (default 1, or 4 on >4 CPUs).")
+@click.option("--images-per-batch", type=int, default=4, show_default=True,
+              help="Images per replica call; their tiles share device batches.")
+@click.option("--num-cpus", type=int, help="CPUs of the embedded Ray runtime (default: all).")
+@click.option("--include", multiple=True, help="Glob of keys to take (repeatable; default: image extensions).")
+@click.option("--exclude", multiple=True, help="Glob of keys to leave out (repeatable).")
+@click.option("--keys-from", help="Text or Parquet file of keys relative to SRC, instead of listing.")
+@click.option("--storage-options", help="JSON of fsspec options (overrides the environment).")
+@click.option("--overwrite", is_flag=True, help="Redo inputs that already have an ok output.")
+@click.option("--dry-run", is_flag=True, help="List what would be done and exit.")
+@click.option("--fail-fast", is_flag=True, help="Stop at the first failed image.")
+@click.option("--quiet", is_flag=True, help="No progress bar (for scheduled jobs).")
+@click.option("--executor", type=click.Choice(["auto", "ray", "inline"]), default="auto", show_default=True,
+              help="auto: in-process for one file, Ray for many.")
+def restore(src: str, dst: str, task: str | None, model: str | None, scale: str | None, out_format: str | None,
+            tile: int | None, overlap: int, batch_size: int, precision: str, device: str | None,
+            address: str | None, num_gpus: int | None, replicas: int | None, cpus_per_replica: int | None,
+            images_per_batch: int, num_cpus: int | None, include: tuple[str, ...], exclude: tuple[str, ...],
+            keys_from: str | None, storage_options: str | None, overwrite: bool, dry_run: bool,
+            fail_fast: bool, quiet: bool, executor: str) -> None:
+    """Restore SRC (a file, folder or prefix; local or fsspec URL) into DST.
+
+    Exit status: 0 all images restored, 1 some failed, 2 usage error.
+    """
+    options = _json_option(storage_options, "--storage-options")
+    fmt = {"png": "PNG", "jpeg": "JPEG", "tiff": "TIFF", "webp": "WEBP", "bmp": "BMP"}.get(out_format or "")
+    scale_n = int(scale) if scale else None
+    if task == "sr" and scale_n is None and model is None:
+        scale_n = 2
+    if scale_n and task not in (None, "sr"):
+        _fail_usage("--scale goes with --task sr")
+    settings = EngineSettings(tile=tile, overlap=overlap, batch_size=batch_size, precision=precision,  # type: ignore[arg-type]
+                              device=device, scale=scale_n)
+    try:
+        plan = make_plan(src, dst, storage_options=options, include=include, exclude=exclude,
+                         keys_from=keys_from, out_format=fmt, overwrite=overwrite)
+        if dry_run:
+            for item in plan.todo:
+                click.echo(f"restore {plan.source.display(item.key)} -> {plan.output.display(item.output_key)}")
+            for item in plan.skipped:
+                click.echo(f"skip    {plan.source.display(item.key)} (output exists with an ok manifest row)")
+            click.echo(f"{len(plan.todo)} to restore ({plan.retried} retried after failure), "
+                       f"{len(plan.skipped)} skipped", err=True)
+            return
+        spec_model = resolve_model(model, task, scale_n, options)
+        restorer = Restorer(spec_model, settings)
+    except USAGE_ERRORS as exc:
+        _fail_usage(exc)
+    spec = JobSpec(plan.source, plan.output, model or spec_model.name, task or spec_model.task, scale_n, settings,
+                   fmt)
+    chosen = executor if executor != "auto" else ("inline" if len(plan.todo) <= 1 else "ray")
+    cluster = ClusterOptions(address=address, num_gpus=num_gpus, replicas=replicas,
+                             cpus_per_replica=cpus_per_replica, images_per_batch=images_per_batch,
+                             num_cpus=num_cpus)
+    result = execute(plan, spec, executor=chosen, cluster=cluster, fail_fast=fail_fast, quiet=quiet,
+                     restorer=restorer if chosen == "inline" else None)
+    click.echo(summary(result, plan), err=True)
+    sys.exit(result.exit_code)
+
+
+@main.command("models")
+@click.option("--json", "as_json", is_flag=True, help="Print the cards as JSON.")
+def list_models(as_json: bool) -> None:
+    """List the registered model cards."""
+    cards = models.list_cards()
+    if as_json:
+        click.echo(json.dumps([c.to_json() for c in cards], indent=2))
+        return
+    click.echo(f"{'name':<24} {'arch':<10} {'task':<8} {'scale':>5} {'weights':<8} {'default':<7} summary")
+    for c in cards:
+        click.echo(f"{c.name:<24} {c.arch:<10} {c.task:<8} {c.scale:>5} {'yes' if c.has_weights else 'no':<8} "
+                   f"{'yes' if c.default else '':<7} {c.summary}")
+        for metric, value in c.metrics.items():
+            click.echo(f"{'':<24}   {metric}: {value}")
+
+
+@main.command()
+@click.argument("config", type=click.Path(exists=True, dir_okay=False))
+@click.option("--resume", is_flag=True, help="Require a checkpoint to resume from (a rerun resumes anyway).")
+@click.option("--restart", is_flag=True, help="Delete the run's checkpoints and start from step 0.")
+@click.option("--address", help="Ray cluster address (default RAY_ADDRESS, else embedded).")
+@click.option("--num-workers", type=int, help="Override scaling.num_workers.")
+@click.option("--use-gpu/--no-gpu", default=None, help="Override scaling.use_gpu.")
+@click.option("--stop-after", type=int, help="Stop (with a checkpoint) after this many steps in total.")
+def train(config: str, resume: bool, restart: bool, address: str | None, num_workers: int | None,
+          use_gpu: bool | None, stop_after: int | None) -> None:
+    """Train the experiment in CONFIG (YAML); reruns resume from the latest checkpoint."""
+    from .train import load_config, run_training
+
+    try:
+        with open(config) as f:
+            cfg = load_config(f.read())
+        if num_workers is not None:
+            cfg["scaling"]["num_workers"] = num_workers
+        if use_gpu is not None:
+            cfg["scaling"]["use_gpu"] = use_gpu
+        if resume and restart:
+            raise ValueError("--resume and --restart exclude each other")
+        result = run_training(cfg, resume=resume, restart=restart, address=address, stop_after=stop_after)
+    except USAGE_ERRORS as exc:
+        _fail_usage(exc)
+    last = next((r for r in reversed(result["history"]) if "val_psnr" in r), {})
+    click.echo(f"run {result['run']}: step {result['step']} (resumed from step {result['resumed_from']})")
+    if last:
+        click.echo(f"validation at step {last['step']}: PSNR {last['val_psnr']:.2f} dB "
+                   f"(input {last['val_input_psnr']:.2f} dB), SSIM {last['val_ssim']:.4f}")
+
+
+@main.command("eval")
+@click.option("--model", "model_name", required=True, help="Model card name or checkpoint path/URL.")
+@click.option("--input", "input_url", required=True, help="Degraded image file or folder.")
+@click.option("--target", "target_url", required=True, help="Clean image file or folder (matching keys).")
+@click.option("--task", type=click.Choice(["denoise", "enhance", "sr", "deblur"]), help="Task, if not recorded.")
+@click.option("--json", "json_out", default="eval.json", show_default=True, help="Where to write the results.")
+@click.option("--tile", type=int, help="Tile size (default: automatic).")
+@click.option("--storage-options", help="JSON of fsspec options.")
+def evaluate(model_name: str, input_url: str, target_url: str, task: str | None, json_out: str,
+             tile: int | None, storage_options: str | None) -> None:
+    """Print per-image and mean PSNR/SSIM of MODEL's restorations against clean targets."""
+    from .evaluate import evaluate_folder
+
+    options = _json_option(storage_options, "--storage-options")
+    try:
+        report = evaluate_folder(model_name, input_url, target_url, task=task, tile=tile, storage_options=options)
+    except USAGE_ERRORS as exc:
+        _fail_usage(exc)
+    for row in report["images"]:
+        click.echo(f"{row['key']:<40} PSNR {row['psnr']:.2f} dB  SSIM {row['ssim']:.4f}  "
+                   f"(input {row['input_psnr']:.2f} dB / {row['input_ssim']:.4f})")
+    m = report["mean"]
+    click.echo(f"{'mean':<40} PSNR {m['psnr']:.2f} dB  SSIM {m['ssim']:.4f}  "
+               f"(input {m['input_psnr']:.2f} dB / {m['input_ssim']:.4f})")
+    with open(json_out, "w") as f:
+        json.dump(report, f, indent=1)
+    click.echo(f"wrote {json_out}", err=True)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,335 @@
+"""The restoration engine: one model, any image size, on CPU or GPU.
+
+For each page of a decoded image it (1) for super-resolution, upsamples the input to
+the target size (bicubic, antialiased) since MIRNet's SR networks are same-size
+networks, (2) cuts overlapping tiles, reflect-pads each to the model's size
+multiple, runs them through the model in batches, crops them back, and (3) blends
+them with a smooth window into the output, stripe by stripe. Host memory is the
+decoded image plus the output plus one stripe of tiles; the device only ever sees
+tile batches.
+"""
+from __future__ import annotations
+
+import contextlib
+import logging
+import math
+from dataclasses import asdict, dataclass, field
+from typing import Any, Callable, Literal
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import models
+from models.cards import ModelCard
+
+from .codecs import DecodedImage, Page
+from .tiling import StripeBlender, Tile, TileGrid
+
+log = logging.getLogger(__name__)
+
+Precision = Literal["auto", "fp32", "bf16", "fp16"]
+TASKS = ("denoise", "enhance", "sr", "deblur")
+CPU_TILE = 512
+MIN_TILE = 64
+
+
+class EngineError(ValueError):
+    """The model and the request do not fit (task, scale, channels, precision)."""
+
+
+@dataclass(frozen=True)
+class EngineSettings:
+    tile: int | None = None  # None: chosen from free device memory (CPU: 512)
+    overlap: int = 32
+    batch_size: int = 4
+    precision: Precision = "auto"
+    device: str | None = None  # None: cuda if available, else cpu
+    scale: int | None = None  # for task sr: 2, 3 or 4 (default: the model's)
+
+    def as_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+@dataclass
+class ModelSpec:
+    """A loaded model and what the engine needs to know about it."""
+
+    module: nn.Module
+    name: str
+    task: str
+    scale: int = 1
+    size_multiple: int = 4
+    bf16_safe: bool = True
+    fp16_safe: bool = False
+    sha256: str | None = None
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def in_channels(self) -> int:
+        return int(self.module.conv_in.weight.shape[1])
+
+
+def spec_from_card(card: ModelCard) -> ModelSpec:
+    module = card.load()
+    return ModelSpec(module, card.name, card.task, card.scale, card.size_multiple, card.bf16_safe,
+                     card.fp16_safe, module.checkpoint.get("sha256"))
+
+
+def resolve_model(model: str | None, task: str | None, scale: int | None = None,
+                  storage_options: dict[str, Any] | None = None) -> ModelSpec:
+    """Find the model for a request: a card name, a checkpoint path/URL, or the task's default.
+
+    Raises EngineError when the model cannot do the task, and models.NoWeightsError when
+    the task has no trained weights.
+    """
+    if task is not None and task not in TASKS:
+        raise EngineError(f"unknown task {task!r}; choose one of {', '.join(TASKS)}")
+    if model is None:
+        if task is None:
+            raise EngineError("give --task or --model")
+        spec = spec_from_card(models.default_for(task, scale or 1))
+    elif model in {c.name for c in models.list_cards()}:
+        spec = spec_from_card(models.get(model))
+    else:
+        module = models.load(model, storage_options=storage_options)
+        info = module.checkpoint
+        model_task = info.get("task") or task
+        if model_task is None:
+            raise EngineError(f"{model}: the checkpoint does not record its task; pass --task")
+        spec = ModelSpec(module, info.get("name") or model.rsplit("/", 1)[-1], model_task,
+                         int(info.get("scale") or scale or 1), int(getattr(module, "size_multiple", 4)),
+                         bool(info.get("bf16_safe", True)), bool(info.get("fp16_safe", False)),
+                         models.checkpoints.sha256_hex(models.checkpoints.read_bytes(model, storage_options)))
+    if task is not None and spec.task != task:
+        raise EngineError(f"model {spec.name!r} restores {spec.task!r}, not {task!r}")
+    if scale is not None and spec.task == "sr" and spec.scale != scale:
+        raise EngineError(f"model {spec.name!r} is trained for x{spec.scale} super-resolution, not x{scale}")
+    return spec
+
+
+def pick_device(requested: str | None) -> torch.device:
+    if requested:
+        return torch.device(requested)
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def pick_dtype(precision: Precision, device: torch.device, spec: ModelSpec) -> torch.dtype:
+    if precision == "auto":
+        return torch.bfloat16 if device.type == "cuda" and spec.bf16_safe else torch.float32
+    if precision == "fp16" and device.type != "cuda":
+        raise EngineError("fp16 needs a CUDA device; use fp32 or bf16 on the CPU")
+    return {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[precision]
+
+
+def resize_bicubic(array: np.ndarray, height: int, width: int, peak: float | None = None) -> np.ndarray:
+    """Bicubic, antialiased resize of (H, W, C) samples; returns float32, in [0, 1] if ``peak`` is given."""
+    x = torch.from_numpy(np.require(array, requirements=["C", "W"])).permute(2, 0, 1)[None].float()
+    if peak:
+        x /= peak
+    y = F.interpolate(x, size=(height, width), mode="bicubic", antialias=True, align_corners=False)
+    return y[0].permute(1, 2, 0).clamp_(0, 1 if peak else float("inf")).numpy()
+
+
+class Restorer:
+    """Restores images with one model; safe to reuse across many images."""
+
+    def __init__(self, spec: ModelSpec, settings: EngineSettings = EngineSettings()) -> None:
+        self.spec = spec
+        self.settings = settings
+        self.device = pick_device(settings.device)
+        self.dtype = pick_dtype(settings.precision, self.device, spec)
+        if spec.task == "sr" and settings.scale not in (None, spec.scale):
+            raise EngineError(f"model {spec.name!r} is trained for x{spec.scale}, not x{settings.scale}")
+        self.scale = spec.scale if spec.task == "sr" else 1
+        if settings.overlap < 0 or settings.batch_size < 1:
+            raise EngineError("overlap must be >= 0 and batch size >= 1")
+        self.model = spec.module.to(self.device).eval()
+        if self.device.type == "cuda":
+            self.model = self.model.to(memory_format=torch.channels_last)
+        self._tile = self._round_tile(settings.tile) if settings.tile else None
+        self.tiles_last_run = 0
+
+    # -- configuration ---------------------------------------------------------------------
+    def _round_tile(self, tile: int) -> int:
+        m = self.spec.size_multiple
+        tile = max(tile, MIN_TILE)
+        if self.settings.overlap * 2 >= tile:
+            raise EngineError(f"overlap {self.settings.overlap} must be less than half the tile size {tile}")
+        return tile - tile % m
+
+    @property
+    def tile(self) -> int:
+        if self._tile is None:
+            self._tile = self._round_tile(self._auto_tile())
+        return self._tile
+
+    def _auto_tile(self) -> int:
+        """Largest tile whose batch fits in half of the free device memory."""
+        if self.device.type != "cuda":
+            return CPU_TILE
+        probe = 128
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats(self.device)
+        base = torch.cuda.memory_allocated(self.device)
+        self._forward(torch.zeros(1, self.spec.in_channels, probe, probe, device=self.device))
+        per_pixel = max(torch.cuda.max_memory_allocated(self.device) - base, 1) / probe ** 2
+        free, _ = torch.cuda.mem_get_info(self.device)
+        side = int(math.sqrt(0.5 * free / (per_pixel * self.settings.batch_size)))
+        return max(MIN_TILE, min(side - side % 64, 2048))
+
+    def describe(self) -> dict[str, Any]:
+        return {"model": self.spec.name, "model_sha256": self.spec.sha256, "task": self.spec.task,
+                "scale": self.scale, "device": str(self.device), "precision": str(self.dtype).split(".")[-1],
+                "tile": self._tile, "overlap": self.settings.overlap, "batch_size": self.settings.batch_size}
+
+    # -- model calls -----------------------------------------------------------------------
+    def _autocast(self) -> contextlib.AbstractContextManager:
+        if self.dtype == torch.float32:
+            return contextlib.nullcontext()
+        return torch.autocast(self.device.type, dtype=self.dtype)
+
+    def _forward(self, batch: torch.Tensor) -> torch.Tensor:
+        """Pad to the size multiple, run, crop back. ``batch``: (B, C, H, W) float32 on the device."""
+        h, w = batch.shape[-2:]
+        m = self.spec.size_multiple
+        ph, pw = (-h) % m, (-w) % m
+        if ph or pw:
+            mode = "reflect" if ph < h and pw < w else "replicate"
+            batch = F.pad(batch, (0, pw, 0, ph), mode=mode)
+        if self.device.type == "cuda":
+            batch = batch.contiguous(memory_format=torch.channels_last)
+        with torch.inference_mode(), self._autocast():
+            out = self.model(batch)
+        return out[..., :h, :w].float()
+
+    def restore_tensor(self, x: torch.Tensor) -> torch.Tensor:
+        """Whole-image restoration of an NCHW float tensor in [0, 1] (no tiling)."""
+        return self._forward(x.to(self.device)).cpu()
+
+    # -- images ----------------------------------------------------------------------------
+    def restore_image(self, image: DecodedImage) -> list[Page]:
+        """Restore every page; returns pages in the input's dtype, channel count and alpha."""
+        return self.restore_images([image])[0]
+
+    def count_tiles(self, image: DecodedImage) -> int:
+        """Tiles the image's pages take at the current tile size."""
+        return sum(len(TileGrid(p.samples.shape[0] * self.scale, p.samples.shape[1] * self.scale, self.tile,
+                                self.settings.overlap)) for p in image.pages)
+
+    def restore_images(self, images: list[DecodedImage]) -> list[list[Page]]:
+        """Restore several images, batching tiles across them so small images still fill the device."""
+        for image in images:
+            if image.channels == 3 and self.spec.in_channels == 1:
+                raise EngineError(f"{image.name}: model {self.spec.name!r} takes greyscale images, the input is colour")
+        jobs, alphas = [], []
+        for image in images:
+            for page in image.pages:
+                job, alpha = self._page_job(page, image.bit_depth)
+                jobs.append(job)
+                alphas.append(alpha)
+        outputs = self.restore_arrays(jobs)
+        pages = iter(Page(o, a) for o, a in zip(outputs, alphas))
+        return [[next(pages) for _ in image.pages] for image in images]
+
+    def _page_job(self, page: Page, bit_depth: int) -> tuple["PageJob", np.ndarray | None]:
+        peak = 65535.0 if bit_depth == 16 else 255.0
+        samples, alpha = page.samples, page.alpha
+        h, w, _ = samples.shape
+        if self.scale > 1:
+            h, w = h * self.scale, w * self.scale
+            upsampled = resize_bicubic(samples, h, w, peak)
+            source: Callable[[int, int, int, int], np.ndarray] = lambda y, x, th, tw: upsampled[y:y + th, x:x + tw]
+            if alpha is not None:
+                alpha = quantise(resize_bicubic(alpha[:, :, None], h, w, peak), peak, alpha.dtype)[:, :, 0]
+        else:
+            source = lambda y, x, th, tw: samples[y:y + th, x:x + tw].astype(np.float32) / peak
+        return PageJob(source, h, w, samples.shape[2], peak, samples.dtype), alpha
+
+    def restore_arrays(self, jobs: list["PageJob"]) -> list[np.ndarray]:
+        """Tile, restore and blend pages, batching tiles across them.
+
+        On CUDA out-of-memory everything is redone with a smaller batch, then smaller
+        tiles; nothing of the failed attempt reaches the outputs.
+        """
+        batch_size = self.settings.batch_size
+        while True:
+            try:
+                outputs = self._restore_tiled(jobs, self.tile, batch_size)
+                self.tiles_last_run = sum(len(TileGrid(j.height, j.width, self.tile, self.settings.overlap))
+                                          for j in jobs)
+                return outputs
+            except torch.cuda.OutOfMemoryError:
+                if self.device.type == "cuda":
+                    torch.cuda.empty_cache()
+                if batch_size > 1:
+                    batch_size //= 2
+                elif self.tile // 2 >= MIN_TILE and self.tile // 2 > 2 * self.settings.overlap:
+                    self._tile = self._round_tile(self.tile // 2)
+                else:
+                    raise
+                log.warning("out of device memory; retrying with tile %d, batch %d", self.tile, batch_size)
+
+    def _run_batch(self, tiles: list[tuple[int, Tile]], jobs: list["PageJob"]) -> list[np.ndarray]:
+        """Restore tiles of equal size, which may come from different pages."""
+        arrays = np.stack([jobs[p].source(t.y, t.x, t.h, t.w) for p, t in tiles])
+        x = torch.from_numpy(arrays).permute(0, 3, 1, 2).to(self.device, non_blocking=True)
+        if x.shape[1] == 1 and self.spec.in_channels == 3:
+            x = x.expand(-1, 3, -1, -1)
+        y = self._forward(x)
+        if arrays.shape[3] == 1 and y.shape[1] == 3:
+            y = y.mean(dim=1, keepdim=True)
+        return list(y.permute(0, 2, 3, 1).cpu().numpy())
+
+    def _restore_tiled(self, jobs: list["PageJob"], tile: int, batch_size: int) -> list[np.ndarray]:
+        outputs = [np.empty((j.height, j.width, j.channels), dtype=j.dtype) for j in jobs]
+        blenders, row_lists, remaining = [], [], []
+        for job, output in zip(jobs, outputs):
+            def emit(top: int, rows: np.ndarray, output: np.ndarray = output, job: PageJob = job) -> None:
+                output[top:top + rows.shape[0]] = quantise(rows, job.peak, job.dtype)
+            blenders.append(StripeBlender(job.width, job.channels, emit))
+            rows = TileGrid(job.height, job.width, tile, self.settings.overlap).rows()
+            row_lists.append(rows)
+            remaining.append([len(r) for r in rows])
+
+        def finish(p: int, r: int) -> None:
+            rows = row_lists[p]
+            blenders[p].flush(rows[r + 1][0].y if r + 1 < len(rows) else jobs[p].height)
+
+        # Tiles in row order within each page; a batch holds tiles of one shape.
+        queue = [(p, r, t) for p, rows in enumerate(row_lists) for r, row in enumerate(rows) for t in row]
+        pending: list[tuple[int, int, Tile]] = []
+
+        def run(pending: list[tuple[int, int, Tile]]) -> None:
+            for (p, r, t), values in zip(pending, self._run_batch([(p, t) for p, _, t in pending], jobs)):
+                blenders[p].add(t, values)
+                remaining[p][r] -= 1
+                if remaining[p][r] == 0:
+                    finish(p, r)
+
+        for item in queue:
+            if pending and (len(pending) == batch_size or pending[0][2].window.shape != item[2].window.shape):
+                run(pending)
+                pending = []
+            pending.append(item)
+        if pending:
+            run(pending)
+        return outputs
+
+
+@dataclass
+class PageJob:
+    """One page to restore: ``source(y, x, h, w)`` gives float32 (h, w, C) input tiles."""
+
+    source: Callable[[int, int, int, int], np.ndarray]
+    height: int
+    width: int
+    channels: int
+    peak: float
+    dtype: np.dtype
+
+
+def quantise(values: np.ndarray, peak: float, dtype: np.dtype) -> np.ndarray:
+    """Float [0, 1] to integer samples of ``dtype`` (rounded, clipped)."""
+    return np.rint(np.clip(values, 0.0, 1.0) * peak).astype(dtype)

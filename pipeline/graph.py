@@ -1,0 +1,122 @@
+"""The Ray Data graph: keys -> read (I/O tasks) -> decode (CPU) -> restore (actor pool)
+-> encode and write (CPU).
+
+One model replica per GPU (``num_gpus=1``), or CPU replicas whose torch threads match
+the CPUs they reserve. Payloads travel between stages through the object store; the
+driver only receives each image's small manifest row.
+"""
+from __future__ import annotations
+
+import logging
+import os
+from dataclasses import dataclass
+from typing import Any, Callable, Iterator
+
+import ray
+import ray.data
+
+from . import stages
+from .engine import Restorer, resolve_model
+from .plan import WorkItem
+from .stages import JobSpec, Row
+from .storage import forwarded_env
+
+log = logging.getLogger(__name__)
+LIGHT_TASK_CPUS = 0.25  # read / decode / encode tasks: they overlap the replicas' compute
+CPU_REPLICA_SHARE = 0.75  # a CPU replica reserves this share of its cores' scheduling slots
+
+
+@dataclass(frozen=True)
+class ClusterOptions:
+    address: str | None = None  # None: RAY_ADDRESS, else an embedded local runtime
+    num_gpus: int | None = None  # GPU replicas; None: every GPU in the cluster; 0: CPU only
+    replicas: int | None = None  # CPU replicas; None: CPUs // cpus_per_replica
+    cpus_per_replica: int | None = None  # None: 1 on small machines, 4 on larger ones
+    images_per_batch: int = 4  # images handed to a replica at once (their tiles are batched together)
+    num_cpus: int | None = None  # CPUs of an embedded runtime (None: all)
+
+
+def connect(options: ClusterOptions) -> None:
+    """Join the cluster, or start an embedded runtime; forward storage credentials to workers."""
+    if ray.is_initialized():
+        return
+    address = options.address or os.environ.get("RAY_ADDRESS")
+    runtime_env = {"env_vars": forwarded_env()}
+    common: dict[str, Any] = {"runtime_env": runtime_env, "logging_level": logging.WARNING,
+                              "log_to_driver": False}
+    if address:
+        ray.init(address=address, **common)
+    else:
+        ray.init(address="local", num_cpus=options.num_cpus, include_dashboard=False, **common)
+
+
+class RestoreReplica:
+    """One model replica: loads the model once, restores batches of decoded images."""
+
+    def __init__(self, spec: JobSpec, threads: int, device: str | None) -> None:
+        import torch
+
+        torch.set_num_threads(max(threads, 1))
+        self.node = ray.get_runtime_context().get_node_id()
+        settings = spec.settings if device is None else _with_device(spec.settings, device)
+        self.restorer = Restorer(resolve_model(spec.model, spec.task, spec.scale,
+                                               spec.source.options), settings)
+
+    def __call__(self, batch: dict[str, Any]) -> dict[str, Any]:
+        rows = stages.restore(stages.unpack(batch), self.restorer)
+        for row in rows:
+            row["node"] = self.node
+        return stages.pack(rows)
+
+
+def _with_device(settings: Any, device: str) -> Any:
+    from dataclasses import replace
+
+    return replace(settings, device=device)
+
+
+def _per_row(fn: Callable[[Row], Row]) -> Callable[[dict[str, Any]], dict[str, Any]]:
+    def apply(batch: dict[str, Any]) -> dict[str, Any]:
+        return stages.pack([fn(row) for row in stages.unpack(batch)])
+
+    return apply
+
+
+def pool_shape(options: ClusterOptions) -> dict[str, Any]:
+    """How many replicas, with which resources, from the cluster's resources."""
+    resources = ray.cluster_resources()
+    gpus = int(resources.get("GPU", 0))
+    use_gpus = gpus if options.num_gpus is None else min(options.num_gpus, gpus)
+    if options.num_gpus and options.num_gpus > gpus:
+        raise ValueError(f"--num-gpus {options.num_gpus} asked for, but the cluster has {gpus} GPU(s)")
+    if use_gpus > 0:
+        return {"size": use_gpus, "num_gpus": 1, "num_cpus": 1, "threads": 1, "device": "cuda"}
+    cpus = int(resources.get("CPU", 1))
+    per = options.cpus_per_replica or (1 if cpus <= 4 else 4)
+    size = options.replicas or max(1, cpus // per)
+    return {"size": size, "num_gpus": 0, "num_cpus": per * CPU_REPLICA_SHARE, "threads": per, "device": "cpu"}
+
+
+def run_graph(spec: JobSpec, items: list[WorkItem], options: ClusterOptions) -> Iterator[Row]:
+    """Run the job on Ray and yield each image's finished row as it completes."""
+    connect(options)
+    ctx = ray.data.DataContext.get_current()
+    ctx.execution_options.preserve_order = False
+    ctx.enable_progress_bars = False
+    ctx.print_on_execution_start = False
+    shape = pool_shape(options)
+    log.info("restoring with %d replica(s): %s", shape["size"], shape)
+    seed = [{"row": r} for r in stages.pack([{"key": i.key, "output_key": i.output_key} for i in items])["row"]]
+    per_batch = max(1, options.images_per_batch)
+    blocks = max(1, min(len(items), len(items) // per_batch + 1, 1000))
+    ds = ray.data.from_items(seed, override_num_blocks=blocks)
+    ds = ds.map_batches(_per_row(lambda row: stages.read(row, spec)), batch_size=1, num_cpus=LIGHT_TASK_CPUS)
+    ds = ds.map_batches(_per_row(lambda row: stages.decode(row, spec)), batch_size=1, num_cpus=LIGHT_TASK_CPUS)
+    ds = ds.map_batches(RestoreReplica, batch_size=per_batch,
+                        compute=ray.data.ActorPoolStrategy(size=shape["size"]),
+                        fn_constructor_kwargs={"spec": spec, "threads": shape["threads"], "device": shape["device"]},
+                        num_gpus=shape["num_gpus"], num_cpus=shape["num_cpus"])
+    ds = ds.map_batches(_per_row(lambda row: stages.finish(stages.write(row, spec), spec)), batch_size=1,
+                        num_cpus=LIGHT_TASK_CPUS)
+    for batch in ds.iter_batches(batch_size=1, batch_format="numpy", prefetch_batches=0):
+        yield from stages.unpack(batch)

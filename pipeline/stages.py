@@ -1,0 +1,139 @@
+"""Per-image stages shared by the Ray graph and the in-process loop.
+
+Each stage takes and returns a ``row`` dict: manifest fields plus the payload in
+flight (``data`` bytes, then ``image``, then ``restored`` pages). A stage that fails
+marks its row failed with the error class and message, drops the payload, and later
+stages pass the row through: errors are per image, never per batch.
+"""
+from __future__ import annotations
+
+import json
+import pickle
+import time
+from dataclasses import dataclass
+from typing import Any, Callable
+
+from . import codecs
+from .engine import EngineSettings, Restorer
+from .storage import Storage
+
+PAYLOAD = ("data", "image", "restored")
+Row = dict[str, Any]
+
+
+@dataclass(frozen=True)
+class JobSpec:
+    """What every worker needs to run one job (picklable)."""
+
+    source: Storage
+    output: Storage
+    model: str | None
+    task: str | None
+    scale: int | None
+    settings: EngineSettings
+    out_format: str | None = None  # None: the input's format
+
+    def settings_json(self) -> str:
+        return json.dumps({"task": self.task, "scale": self.scale, "format": self.out_format,
+                           **self.settings.as_dict()}, sort_keys=True)
+
+
+def fail(row: Row, exc: BaseException) -> Row:
+    for name in PAYLOAD:
+        row.pop(name, None)
+    row["status"] = "failed"
+    row["error_class"] = type(exc).__name__
+    row["error_message"] = str(exc)[:2000] or repr(exc)
+    return row
+
+
+def guarded(stage: Callable[..., Row]) -> Callable[..., Row]:
+    """Run ``stage`` unless the row already failed; turn its exceptions into a failed row."""
+
+    def run(row: Row, *args: Any) -> Row:
+        if row.get("status") == "failed":
+            return row
+        try:
+            return stage(row, *args)
+        except Exception as exc:  # every error becomes the image's row, never the job's
+            return fail(row, exc)
+
+    run.__name__ = stage.__name__
+    run.__doc__ = stage.__doc__
+    return run
+
+
+@guarded
+def read(row: Row, spec: JobSpec) -> Row:
+    row.setdefault("started", time.time())
+    row["data"] = spec.source.read(row["key"])
+    return row
+
+
+@guarded
+def decode(row: Row, spec: JobSpec) -> Row:
+    name = spec.source.display(row["key"])
+    fmt = spec.out_format or codecs.format_for(row["key"])
+    image = codecs.decode(row.pop("data"), name)
+    if image.bit_depth == 16 and fmt not in ("PNG", "TIFF"):
+        raise codecs.CodecError(name, f"16-bit image cannot be written as {fmt}; use --format png or tiff")
+    row.update(image=image, width=image.width, height=image.height, mode=image.mode,
+               bit_depth=image.bit_depth, pages=len(image.pages))
+    return row
+
+
+def restore(rows: list[Row], restorer: Restorer) -> list[Row]:
+    """Restore the decoded images of ``rows`` together (tiles batched across images).
+
+    If the batch fails, each image is retried alone so that only the bad one fails.
+    """
+    live = [r for r in rows if r.get("status") != "failed"]
+    try:
+        results = restorer.restore_images([r["image"] for r in live]) if live else []
+    except Exception:
+        results = []
+        for row in live:
+            try:
+                results.append(restorer.restore_image(row["image"]))
+            except Exception as exc:
+                fail(row, exc)
+        live = [r for r in live if r.get("status") != "failed"]
+    for row, pages in zip(live, results):
+        row["restored"] = pages
+        row["tiles"] = restorer.count_tiles(row["image"])
+        row["model"], row["model_sha256"] = restorer.spec.name, restorer.spec.sha256
+    return rows
+
+
+@guarded
+def write(row: Row, spec: JobSpec) -> Row:
+    image = row.pop("image")
+    pages = row.pop("restored")
+    data = codecs.encode(image, pages, spec.out_format or codecs.format_for(row["key"]))
+    spec.output.write(row["output_key"], data)
+    row["out_height"], row["out_width"] = pages[0].samples.shape[:2]
+    row["status"] = "ok"
+    return row
+
+
+def finish(row: Row, spec: JobSpec) -> Row:
+    """Fill the bookkeeping fields of a row leaving the pipeline."""
+    started = row.pop("started", None)
+    row["seconds"] = time.time() - started if started is not None else None
+    row["settings"] = spec.settings_json()
+    for name in PAYLOAD:
+        row.pop(name, None)
+    return row
+
+
+def pack(rows: list[Row]) -> dict[str, Any]:
+    """Rows to a Ray Data batch: one pickled column keeps arbitrary payloads intact."""
+    import numpy as np
+
+    column = np.empty(len(rows), dtype=object)
+    column[:] = [pickle.dumps(r, protocol=5) for r in rows]
+    return {"row": column}
+
+
+def unpack(batch: dict[str, Any]) -> list[Row]:
+    return [pickle.loads(b) for b in batch["row"]]

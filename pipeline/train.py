@@ -1,0 +1,375 @@
+"""Training with the papers' recipe on Ray Train (DDP; gloo on the CPU, NCCL on GPUs).
+
+Defaults follow MIRNet: Charbonnier loss (eps 1e-3), Adam (lr 2e-4, betas 0.9/0.999),
+a linear warm-up then cosine annealing to 1e-6, 128x128 patches, batch 16.
+
+Checkpoints (model, optimizer, scheduler, step, config, metric history) are written
+every ``checkpoint.every`` steps under ``CHECKPOINT_DIR/RUN_NAME/checkpoints/`` on any
+fsspec URL. A rerun with the same run name resumes from the latest one (same step,
+same learning rate, same data stream: patches are drawn from an RNG seeded by
+(seed, rank, step)); a worker failure restarts the workers, which resume the same way.
+"""
+from __future__ import annotations
+
+import copy
+import csv
+import io
+import json
+import math
+import os
+import platform
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+import yaml
+
+import models
+from models.cards import ModelCard
+
+from . import data as train_data
+from .degrade import Degradation
+from .metrics import score
+from .storage import Storage, safe_relative_key
+
+DEFAULTS: dict[str, Any] = {
+    "name": None,
+    "task": "denoise",
+    "scale": 1,
+    "model": {"arch": "mirnet_v2", "config": {}},
+    "data": {
+        "train": {"clean": None, "degraded": None},
+        "val": {"clean": None, "degraded": None},
+        "degradation": None,  # e.g. {kind: gaussian, sigma: [0, 50]}; None for paired data
+        "val_degradation": None,  # default: the training degradation
+        "patch": 128,
+        "mixup": False,
+        "storage_options": {},
+    },
+    "optim": {"lr": 2e-4, "betas": [0.9, 0.999], "min_lr": 1e-6, "warmup_steps": None, "charbonnier_eps": 1e-3,
+              "grad_clip": None},
+    "train": {"steps": 1000, "batch_size": 16, "seed": 0, "log_every": 10},
+    "checkpoint": {"dir": "runs", "every": 100},
+    "validate": {"every": 100, "crop": 256},
+    "scaling": {"num_workers": 1, "use_gpu": False, "cpus_per_worker": 1},
+    "failure": {"max_failures": 2},
+    "card": {},  # extra model-card fields for the exported model (summary, bf16_safe, ...)
+}
+
+
+def _merge(base: dict[str, Any], override: dict[str, Any], path: str = "") -> dict[str, Any]:
+    out = copy.deepcopy(base)
+    for key, value in override.items():
+        if key not in base:
+            raise ValueError(f"unknown config key {path + key!r}")
+        if isinstance(base[key], dict) and isinstance(value, dict) and key not in ("config", "card", "storage_options"):
+            out[key] = _merge(base[key], value, f"{path}{key}.")
+        else:
+            out[key] = value
+    return out
+
+
+def load_config(text_or_dict: str | dict[str, Any]) -> dict[str, Any]:
+    """Parse and complete an experiment config (YAML text or a dict)."""
+    raw = yaml.safe_load(text_or_dict) if isinstance(text_or_dict, str) else text_or_dict
+    if not isinstance(raw, dict):
+        raise ValueError("a training config must be a YAML mapping")
+    cfg = _merge(DEFAULTS, raw)
+    if not cfg["name"]:
+        raise ValueError("config needs a run 'name'")
+    safe_relative_key(cfg["name"])
+    if not cfg["data"]["train"]["clean"]:
+        raise ValueError("config needs data.train.clean")
+    if cfg["data"]["degradation"] is None and not cfg["data"]["train"]["degraded"]:
+        raise ValueError("config needs data.degradation for unpaired (clean-only) training data")
+    if cfg["train"]["batch_size"] % cfg["scaling"]["num_workers"]:
+        raise ValueError("train.batch_size must be divisible by scaling.num_workers")
+    if cfg["optim"]["warmup_steps"] is None:
+        cfg["optim"]["warmup_steps"] = max(1, cfg["train"]["steps"] // 50)
+    models.build(cfg["model"]["arch"], **cfg["model"]["config"])  # fail early on a bad model config
+    return cfg
+
+
+def _absolute(url: str | None) -> str | None:
+    """Local relative paths made absolute: Ray workers run in other folders."""
+    if not url or "://" in url:
+        return url
+    return os.path.abspath(url)
+
+
+def absolutise_paths(cfg: dict[str, Any]) -> dict[str, Any]:
+    cfg = copy.deepcopy(cfg)
+    cfg["checkpoint"]["dir"] = _absolute(cfg["checkpoint"]["dir"])
+    for split in ("train", "val"):
+        for kind in ("clean", "degraded"):
+            cfg["data"][split][kind] = _absolute(cfg["data"][split][kind])
+    return cfg
+
+
+def lr_at(step: int, cfg: dict[str, Any]) -> float:
+    """Learning rate for optimizer step ``step`` (0-based): linear warm-up, then cosine to min_lr."""
+    o, total = cfg["optim"], cfg["train"]["steps"]
+    warm = o["warmup_steps"]
+    if step < warm:
+        return o["lr"] * (step + 1) / warm
+    progress = min((step - warm) / max(total - warm, 1), 1.0)
+    return o["min_lr"] + (o["lr"] - o["min_lr"]) * 0.5 * (1 + math.cos(math.pi * progress))
+
+
+def charbonnier(pred: torch.Tensor, target: torch.Tensor, eps: float) -> torch.Tensor:
+    return torch.sqrt((pred - target) ** 2 + eps * eps).mean()
+
+
+class RunStore:
+    """Files of one run: checkpoints, metrics, plot and exported model, on any fsspec URL."""
+
+    def __init__(self, cfg: dict[str, Any]) -> None:
+        self.storage = Storage(f"{cfg['checkpoint']['dir'].rstrip('/')}/{cfg['name']}",
+                               cfg["data"]["storage_options"])
+        self.url = self.storage.url
+
+    def checkpoints(self) -> list[str]:
+        try:
+            return sorted(k for k in self.storage.list(include=["checkpoints/step-*.pt"]))
+        except FileNotFoundError:
+            return []
+
+    def latest(self) -> dict[str, Any] | None:
+        keys = self.checkpoints()
+        if not keys:
+            return None
+        data = self.storage.read(keys[-1])
+        return torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
+
+    def save_checkpoint(self, state: dict[str, Any]) -> str:
+        buffer = io.BytesIO()
+        torch.save(state, buffer)
+        key = f"checkpoints/step-{state['step']:08d}.pt"
+        self.storage.write(key, buffer.getvalue())
+        return key
+
+    def save_metrics(self, history: list[dict[str, Any]]) -> None:
+        self.storage.write("metrics.json", json.dumps(history, indent=1).encode())
+        fields = sorted({k for row in history for k in row}, key=lambda k: (k != "step", k))
+        text = io.StringIO()
+        writer = csv.DictWriter(text, fieldnames=fields)
+        writer.writeheader()
+        writer.writerows(history)
+        self.storage.write("metrics.csv", text.getvalue().encode())
+        self.storage.write("metrics.png", plot_history(history))
+
+
+def plot_history(history: list[dict[str, Any]]) -> bytes:
+    """PNG of training loss and validation PSNR over steps."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (ax_loss, ax_psnr) = plt.subplots(1, 2, figsize=(10, 3.6))
+    losses = [(r["step"], r["loss"]) for r in history if r.get("loss") is not None]
+    vals = [(r["step"], r["val_psnr"], r.get("val_input_psnr")) for r in history if r.get("val_psnr") is not None]
+    if losses:
+        ax_loss.plot(*zip(*losses), lw=1)
+    ax_loss.set(xlabel="step", ylabel="Charbonnier loss", title="training loss")
+    if vals:
+        steps, psnrs, inputs = zip(*vals)
+        ax_psnr.plot(steps, psnrs, marker="o", label="restored")
+        ax_psnr.plot(steps, inputs, ls="--", label="degraded input")
+        ax_psnr.legend()
+    ax_psnr.set(xlabel="step", ylabel="PSNR (dB)", title="validation PSNR")
+    fig.tight_layout()
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png", dpi=100)
+    plt.close(fig)
+    return buffer.getvalue()
+
+
+def restore_float(model: torch.nn.Module, img: np.ndarray, multiple: int, device: torch.device) -> np.ndarray:
+    """Whole-image inference for validation: reflect-pad, run, crop, quantise to 8 bits."""
+    x = torch.from_numpy(np.ascontiguousarray(img.transpose(2, 0, 1)))[None].to(device)
+    h, w = x.shape[-2:]
+    x = torch.nn.functional.pad(x, (0, (-w) % multiple, 0, (-h) % multiple), mode="reflect")
+    with torch.no_grad():
+        y = model(x)[..., :h, :w].clamp(0, 1)
+    return np.rint(y[0].permute(1, 2, 0).cpu().numpy() * 255) / 255
+
+
+def validate(model: torch.nn.Module, pairs: list[tuple[str, np.ndarray, np.ndarray]], cfg: dict[str, Any],
+             device: torch.device) -> dict[str, float]:
+    """Mean PSNR/SSIM (RGB and Y) of restored and degraded validation images."""
+    multiple = getattr(model, "size_multiple", 4)
+    border = cfg["scale"] if cfg["task"] == "sr" else 0
+    was_training = model.training
+    model.eval()
+    restored, inputs = [], []
+    for _, degraded, clean in pairs:
+        restored.append(score(restore_float(model, degraded, multiple, device), clean, border))
+        inputs.append(score(np.rint(degraded * 255) / 255, clean, border))
+    model.train(was_training)
+    out = {f"val_{k}": float(np.mean([s.as_dict()[k] for s in restored])) for k in ("psnr", "ssim", "psnr_y", "ssim_y")}
+    out.update({f"val_input_{k}": float(np.mean([s.as_dict()[k] for s in inputs])) for k in ("psnr", "ssim")})
+    return out
+
+
+def _center_crop(img: np.ndarray, size: int | None) -> np.ndarray:
+    if not size:
+        return img
+    h, w = img.shape[:2]
+    y, x = max((h - size) // 2, 0), max((w - size) // 2, 0)
+    return img[y:y + size, x:x + size]
+
+
+def load_validation(cfg: dict[str, Any]) -> list[tuple[str, np.ndarray, np.ndarray]]:
+    d = cfg["data"]
+    if not d["val"]["clean"]:
+        return []
+    options = d["storage_options"]
+    pairs = [train_data.load_pair(d["val"]["clean"], d["val"]["degraded"], k, options)
+             for k in train_data.list_keys(d["val"]["clean"], options)]
+    crop = cfg["validate"]["crop"]
+    multiple = cfg["scale"] if cfg["task"] == "sr" else 1
+    pairs = [train_data.Pair(p.key, _center_crop(p.clean, crop), None if p.degraded is None
+                             else _center_crop(p.degraded, crop)) for p in pairs]
+    if multiple > 1:  # SR ground truth must divide by the scale
+        pairs = [train_data.Pair(p.key, p.clean[:p.clean.shape[0] // multiple * multiple,
+                                          :p.clean.shape[1] // multiple * multiple], p.degraded) for p in pairs]
+    degradation = d["val_degradation"] or d["degradation"]
+    return train_data.validation_pairs(pairs, Degradation.from_config(degradation) if degradation else None,
+                                       cfg["train"]["seed"] + 1000)
+
+
+def train_loop_per_worker(cfg: dict[str, Any]) -> None:
+    """The per-worker training loop (runs inside Ray Train)."""
+    import ray.train
+    import ray.train.torch
+
+    ctx = ray.train.get_context()
+    rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    torch.set_num_threads(max(1, int(cfg["scaling"]["cpus_per_worker"])))
+    seed, total = cfg["train"]["seed"], cfg["train"]["steps"]
+    stop_at = min(cfg.get("_stop_after") or total, total)
+    torch.manual_seed(seed)
+    model = models.build(cfg["model"]["arch"], **cfg["model"]["config"])
+    o = cfg["optim"]
+    optimizer = torch.optim.Adam(model.parameters(), lr=o["lr"], betas=tuple(o["betas"]))
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_at(s, cfg) / o["lr"])
+    store = RunStore(cfg)
+    state = store.latest()
+    step, history, started = 0, [], time.time()
+    elapsed_before = 0.0
+    if state is not None:
+        models.checkpoints.load_weights(model, state["model"], store.url, cfg["model"]["arch"], cfg["model"]["config"])
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+        step, history = int(state["step"]), json.loads(state["history"])
+        elapsed_before = float(state.get("wall_seconds", 0.0))
+    ddp_model = ray.train.torch.prepare_model(model)
+    device = ray.train.torch.get_device()
+    shard = ray.train.get_dataset_shard("train")
+    pairs = train_data.pairs_from_rows(list(shard.iter_rows()))
+    d = cfg["data"]
+    sampler = train_data.PatchSampler(pairs, d["patch"], Degradation.from_config(d["degradation"])
+                                      if d["degradation"] else None, d["mixup"])
+    val_pairs = load_validation(cfg) if rank == 0 else []
+    per_worker = cfg["train"]["batch_size"] // world
+    running: list[float] = []
+    while step < stop_at:
+        rng = np.random.default_rng([seed, rank, step])
+        inp, tgt = (torch.from_numpy(a).to(device) for a in sampler.batch(per_worker, rng))
+        loss = charbonnier(ddp_model(inp), tgt, o["charbonnier_eps"])
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        if o["grad_clip"]:
+            torch.nn.utils.clip_grad_norm_(model.parameters(), o["grad_clip"])
+        lr = optimizer.param_groups[0]["lr"]
+        optimizer.step()
+        scheduler.step()
+        step += 1
+        running.append(float(loss.detach()))
+        record: dict[str, Any] = {}
+        if step % cfg["train"]["log_every"] == 0 or step == stop_at:
+            record = {"step": step, "loss": float(np.mean(running)), "lr": lr}
+            running = []
+        if val_pairs and (step % cfg["validate"]["every"] == 0 or step == total):
+            record = {"step": step, "lr": lr, **record, **validate(model, val_pairs, cfg, device)}
+        if record and rank == 0:
+            history.append(record)
+        if step % cfg["checkpoint"]["every"] == 0 or step == stop_at:
+            if rank == 0:
+                store.save_checkpoint({
+                    "model": models.checkpoints.unique_state_dict(model), "optimizer": optimizer.state_dict(),
+                    "scheduler": scheduler.state_dict(), "step": step, "config": json.dumps(cfg),
+                    "history": json.dumps(history), "wall_seconds": elapsed_before + time.time() - started})
+                store.save_metrics(history)
+            if world > 1:
+                torch.distributed.barrier()
+        if record:
+            ray.train.report({k: v for k, v in record.items() if isinstance(v, (int, float))})
+    if rank == 0 and step == total:
+        export(model, cfg, history, elapsed_before + time.time() - started, store)
+
+
+def hardware() -> str:
+    if torch.cuda.is_available():
+        return torch.cuda.get_device_name(0)
+    return f"CPU ({platform.processor() or platform.machine()}, {os.cpu_count()} cores)"
+
+
+def export(model: torch.nn.Module, cfg: dict[str, Any], history: list[dict[str, Any]], wall_seconds: float,
+           store: RunStore) -> str:
+    """Write model.safetensors and card.json into the run folder."""
+    last_val = next((r for r in reversed(history) if "val_psnr" in r), {})
+    recipe = {"steps": cfg["train"]["steps"], "batch_size": cfg["train"]["batch_size"], "patch": cfg["data"]["patch"],
+              "optim": cfg["optim"], "data": {k: cfg["data"][k] for k in ("train", "val", "degradation", "mixup")},
+              "seed": cfg["train"]["seed"], "workers": cfg["scaling"]["num_workers"], "hardware": hardware(),
+              "wall_seconds": round(wall_seconds, 1)}
+    metadata = {"name": cfg["name"], "task": cfg["task"], "scale": cfg["scale"], "recipe": recipe,
+                "validation": {k: v for k, v in last_val.items() if k.startswith("val_")}}
+    data = models.checkpoints.to_bytes(model, cfg["model"]["arch"], cfg["model"]["config"], **metadata)
+    store.storage.write("model.safetensors", data)
+    card = ModelCard(name=cfg["name"], arch=cfg["model"]["arch"], config=cfg["model"]["config"], task=cfg["task"],
+                     scale=cfg["scale"], size_multiple=int(getattr(model, "size_multiple", 4)),
+                     weights="model.safetensors", sha256=models.checkpoints.sha256_hex(data),
+                     recipe=recipe, metrics=metadata["validation"], **cfg["card"])
+    store.storage.write("card.json", json.dumps(card.to_json(), indent=1).encode())
+    return store.storage.display("model.safetensors")
+
+
+def run_training(cfg: dict[str, Any], *, resume: bool = False, restart: bool = False, address: str | None = None,
+                 stop_after: int | None = None) -> dict[str, Any]:
+    """Train (or resume) the run described by ``cfg`` with Ray Train; returns a summary."""
+    import ray
+    import ray.train
+    from ray.train.torch import TorchTrainer
+
+    from .graph import ClusterOptions, connect
+
+    cfg = absolutise_paths(cfg)
+    store = RunStore(cfg)
+    existing = store.checkpoints()
+    if resume and not existing:
+        raise ValueError(f"--resume: no checkpoint found under {store.url}/checkpoints/")
+    if restart:
+        for key in existing:
+            store.storage.fs.rm(store.storage.path(key))
+    connect(ClusterOptions(address=address))
+    cfg = dict(cfg, _stop_after=stop_after)
+    d = cfg["data"]
+    dataset = train_data.build_dataset(d["train"]["clean"], d["train"]["degraded"], d["storage_options"])
+    s = cfg["scaling"]
+    trainer = TorchTrainer(
+        train_loop_per_worker, train_loop_config=cfg,
+        scaling_config=ray.train.ScalingConfig(num_workers=s["num_workers"], use_gpu=s["use_gpu"],
+                                               resources_per_worker={"CPU": s["cpus_per_worker"]}),
+        run_config=ray.train.RunConfig(name=f"{cfg['name']}-{time.strftime('%Y%m%dT%H%M%S')}",
+                                       failure_config=ray.train.FailureConfig(max_failures=cfg["failure"]["max_failures"]),
+                                       storage_path=os.path.join(os.path.expanduser("~"), "ray_results")),
+        datasets={"train": dataset})
+    trainer.fit()
+    state = store.latest()
+    return {"run": store.url, "step": int(state["step"]) if state else 0,
+            "resumed_from": int(existing[-1].rsplit("-", 1)[-1].split(".")[0]) if existing and not restart else 0,
+            "history": json.loads(state["history"]) if state else []}

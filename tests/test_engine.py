@@ -1,0 +1,173 @@
+"""Engine: tiling against whole-image output, seams, SR sizes, OOM fallback, clear errors."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from click.testing import CliRunner
+from PIL import Image
+
+import models
+from pipeline import codecs
+from pipeline.cli import main
+from pipeline.engine import EngineError, EngineSettings, ModelSpec, PageJob, Restorer, resolve_model
+from pipeline.tiling import TileGrid, axis_starts
+
+from .conftest import photo
+
+# The figure documented in README.md ("Tiling"): tiled output stays within this PSNR of whole-image output.
+TILED_PSNR_BOUND_DB = 40.0
+
+
+@pytest.fixture(scope="module")
+def spec(small_model) -> ModelSpec:
+    return ModelSpec(models.load(small_model), "v2-small", "denoise")
+
+
+def photo_512x768() -> np.ndarray:
+    return np.ascontiguousarray(photo("stereo_motorcycle")[:512, :768])
+
+
+def float_job(img: np.ndarray) -> PageJob:
+    return PageJob(lambda y, x, h, w: img[y:y + h, x:x + w].astype(np.float32) / 255, img.shape[0], img.shape[1],
+                   img.shape[2], 255.0, np.dtype(np.uint8))
+
+
+def psnr(a: np.ndarray, b: np.ndarray) -> float:
+    mse = np.mean((a.astype(np.float64) - b.astype(np.float64)) ** 2)
+    return float(10 * np.log10(255.0 ** 2 / max(mse, 1e-12)))
+
+
+def whole_and_tiled(spec: ModelSpec, img: np.ndarray, tile: int, overlap: int):
+    restorer = Restorer(spec, EngineSettings(tile=tile, overlap=overlap))
+    x = torch.from_numpy(img).permute(2, 0, 1)[None].float() / 255
+    whole = np.rint(restorer.restore_tensor(x)[0].permute(1, 2, 0).clamp(0, 1).numpy() * 255).astype(np.uint8)
+    tiled = restorer.restore_arrays([float_job(img)])[0]
+    return whole, tiled, restorer
+
+
+def test_tiled_output_close_to_whole_image_without_seams(spec):
+    img = photo_512x768()
+    whole, tiled, restorer = whole_and_tiled(spec, img, tile=256, overlap=32)
+    assert restorer.tiles_last_run > 1
+    assert psnr(tiled, whole) >= TILED_PSNR_BOUND_DB
+    # Seams: differences along tile borders are no larger than inside tiles.
+    diff = np.abs(tiled.astype(np.float64) - whole.astype(np.float64)).mean(axis=2)
+    border = np.zeros(diff.shape, bool)
+    for start in axis_starts(img.shape[0], 256, 32)[1:]:
+        border[max(start - 2, 0):start + 3, :] = True
+        border[max(start + 256 - 32 - 2, 0):start + 256 - 32 + 3, :] = True
+    for start in axis_starts(img.shape[1], 256, 32)[1:]:
+        border[:, max(start - 2, 0):start + 3] = True
+    assert diff[border].mean() <= diff[~border].mean() * 1.5 + 0.05
+
+
+def test_grid_covers_image_and_windows_sum_positive():
+    for h, w in [(1000, 700), (513, 512), (64, 900)]:
+        grid = TileGrid(h, w, 256, 32)
+        weight = np.zeros((h, w))
+        for row in grid.rows():
+            for t in row:
+                weight[t.y:t.y + t.h, t.x:t.x + t.w] += t.window
+        assert weight.min() > 0.5
+
+
+def test_batches_across_images_match_single_image(spec):
+    img = photo_512x768()[:200, :300]
+    restorer = Restorer(spec, EngineSettings(tile=128, overlap=16, batch_size=3))
+    alone = restorer.restore_arrays([float_job(img)])[0]
+    together = restorer.restore_arrays([float_job(img[:100, :120]), float_job(img), float_job(img[:64, :64])])
+    assert np.abs(alone.astype(int) - together[1].astype(int)).max() <= 1
+
+
+class FlakyOOM(torch.nn.Module):
+    """Raises CUDA out-of-memory for tiles above a size, like a GPU that is too small."""
+
+    def __init__(self, inner: torch.nn.Module, max_side: int) -> None:
+        super().__init__()
+        self.inner, self.max_side, self.calls = inner, max_side, 0
+        self.conv_in = inner.conv_in
+
+    def forward(self, x):
+        self.calls += 1
+        if x.shape[0] * x.shape[-1] * x.shape[-2] > self.max_side ** 2:
+            raise torch.cuda.OutOfMemoryError("CUDA out of memory (simulated)")
+        return self.inner(x)
+
+
+def test_out_of_memory_retries_with_smaller_batches_then_tiles(spec):
+    img = photo_512x768()[:256, :320]
+    flaky = FlakyOOM(spec.module, max_side=128)
+    restorer = Restorer(ModelSpec(flaky, "flaky", "denoise"), EngineSettings(tile=256, overlap=16, batch_size=4))
+    out = restorer.restore_arrays([float_job(img)])[0]
+    assert restorer.tile == 128
+    reference = Restorer(spec, EngineSettings(tile=128, overlap=16, batch_size=1)).restore_arrays([float_job(img)])[0]
+    assert np.array_equal(out, reference), "a stale tile from the failed attempt reached the output"
+
+
+def test_sr_doubles_size(tmp_path, small_model):
+    model = models.load(small_model)
+    sr_path = tmp_path / "sr2.safetensors"
+    models.save(model, str(sr_path), task="sr", scale=2)
+    src = tmp_path / "low.png"
+    Image.fromarray(photo("chelsea")[:150, :200]).save(src)
+    result = CliRunner().invoke(main, ["restore", str(src), str(tmp_path / "high.png"), "--model", str(sr_path),
+                                       "--task", "sr", "--scale", "2", "--quiet"])
+    assert result.exit_code == 0, result.output
+    assert Image.open(tmp_path / "high.png").size == (400, 300)
+
+
+def test_sr_scale_mismatch_is_refused(tmp_path, small_model):
+    path = tmp_path / "sr2.safetensors"
+    models.save(models.load(small_model), str(path), task="sr", scale=2)
+    with pytest.raises(EngineError, match="x2 super-resolution, not x4"):
+        resolve_model(str(path), "sr", 4)
+
+
+def test_model_task_mismatch_is_refused(small_model):
+    with pytest.raises(EngineError, match="restores 'denoise', not 'enhance'"):
+        resolve_model(small_model, "enhance")
+
+
+def test_fp16_refused_on_cpu(spec):
+    with pytest.raises(EngineError, match="fp16 needs a CUDA device"):
+        Restorer(spec, EngineSettings(precision="fp16", device="cpu"))
+
+
+def test_bf16_autocast_runs_on_cpu_when_asked(spec):
+    img = photo_512x768()[:64, :64]
+    out = Restorer(spec, EngineSettings(precision="bf16", tile=64, overlap=8)).restore_arrays([float_job(img)])[0]
+    ref = Restorer(spec, EngineSettings(precision="fp32", tile=64, overlap=8)).restore_arrays([float_job(img)])[0]
+    assert psnr(out, ref) > 30
+
+
+def test_cli_errors_name_file_and_reason(tmp_path, small_model):
+    runner = CliRunner()
+    bad = tmp_path / "broken.png"
+    bad.write_bytes(b"not an image at all")
+    result = runner.invoke(main, ["restore", str(bad), str(tmp_path / "o.png"), "--model", small_model, "--quiet"])
+    assert result.exit_code == 1
+    assert "broken.png" in result.output and "not a recognised image" in result.output
+    gif = tmp_path / "anim.gif"
+    Image.fromarray(photo("camera")[:32, :32]).save(gif)
+    result = runner.invoke(main, ["restore", str(gif), str(tmp_path / "o.png"), "--model", small_model,
+                                  "--quiet", "--include", "*.gif"])
+    assert result.exit_code == 1 and "anim.gif: unsupported" in result.output
+    ok = tmp_path / "ok.png"
+    Image.fromarray(photo("camera")[:32, :32]).save(ok)
+    result = runner.invoke(main, ["restore", str(ok), str(tmp_path / "o.png"), "--model", small_model,
+                                  "--task", "enhance"])
+    assert result.exit_code == 2 and "restores 'denoise', not 'enhance'" in result.output
+
+
+def test_task_without_weights_says_so(tmp_path, monkeypatch):
+    from models import cards
+
+    monkeypatch.setattr(cards, "_REGISTRY", {k: v for k, v in cards._REGISTRY.items() if v.task != "deblur"})
+    cards.register(cards.ModelCard("deblur-untrained", "mirnet_v2", {}, "deblur"))
+    src = tmp_path / "a.png"
+    Image.fromarray(photo("camera")[:32, :32]).save(src)
+    result = CliRunner().invoke(main, ["restore", str(src), str(tmp_path / "b.png"), "--task", "deblur"])
+    assert result.exit_code == 2
+    assert "no trained weights are available for task 'deblur'" in result.output
+    assert not (tmp_path / "b.png").exists()

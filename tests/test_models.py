@@ -1,0 +1,228 @@
+"""Architectures and checkpoint I/O against the official layouts."""
+from __future__ import annotations
+
+import io
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import models
+from models import CheckpointError
+
+from .conftest import CONFORMANCE
+
+FIXTURES = ["mirnet_small", "mirnet_v2_small"]
+
+
+def fixture_meta(name: str) -> dict:
+    return json.loads((CONFORMANCE / f"{name}.json").read_text())
+
+
+@pytest.mark.parametrize("name", FIXTURES)
+def test_official_fixture_reproduces_reference_output(name):
+    meta = fixture_meta(name)
+    model = models.load(str(CONFORMANCE / meta["checkpoint"]), meta["arch"], **meta["config"])
+    reference = torch.load(CONFORMANCE / meta["io"], weights_only=True)
+    assert tuple(reference["input"].shape) == tuple(meta["input_shape"])
+    assert not model.training
+    with torch.no_grad():
+        out = model(reference["input"])
+    assert (out - reference["output"]).abs().max().item() <= 1e-5
+    assert sum(p.numel() for p in model.parameters() if p.requires_grad) == meta["trainable_params"]
+
+
+@pytest.mark.parametrize("name", FIXTURES)
+def test_official_fixture_loads_without_arguments(name):
+    """The architecture and config are inferred from the weights when not given."""
+    meta = fixture_meta(name)
+    model = models.load(str(CONFORMANCE / meta["checkpoint"]))
+    assert model.checkpoint["arch"] == meta["arch"]
+    for key, value in meta["config"].items():
+        assert model.checkpoint["config"][key] == value
+
+
+@pytest.mark.parametrize("arch,cls,count", [("mirnet", models.MIRNet, 31_787_419),
+                                            ("mirnet_v2", models.MIRNetV2, 5_858_560)])
+def test_default_configs_match_official_keys_and_counts(arch, cls, count):
+    expected = json.loads((CONFORMANCE / f"{arch}_default_keys.json").read_text())
+    model = cls()
+    assert sum(p.numel() for p in model.parameters() if p.requires_grad) == count == expected["trainable_params"]
+    assert {k: list(v.shape) for k, v in model.state_dict().items()} == expected["state_dict"]
+
+
+def test_mirnet_reproduces_reference_weight_sharing():
+    model = models.MIRNet(n_feat=8, n_RRG=2, n_MSRB=1, height=2, width=3)
+    msrb = model.body[0].body[0]
+    assert msrb.blocks[0][0] is msrb.blocks[0][2]
+    prelus = {id(m.body[1]) for m in model.modules() if isinstance(m, models.mirnet.DualAttentionUnit)}
+    assert len(prelus) == 1
+
+
+def test_official_yaml_network_g_verbatim():
+    network_g = {"type": "MIRNet_v2", "inp_channels": 3, "out_channels": 3, "n_feat": 16, "chan_factor": 1.5,
+                 "n_RRG": 4, "n_MRB": 2, "height": 3, "width": 2, "bias": False, "scale": 1, "task": None}
+    model = models.load(str(CONFORMANCE / "mirnet_v2_small.pth"), **network_g)
+    assert model.checkpoint["arch"] == "mirnet_v2"
+
+
+def test_prefixes_and_containers(tmp_path):
+    meta = fixture_meta("mirnet_small")
+    official = torch.load(CONFORMANCE / meta["checkpoint"], weights_only=True)
+    bare = {k.removeprefix("module."): v for k, v in official["state_dict"].items()}
+    reference = models.load(str(CONFORMANCE / meta["checkpoint"]), "mirnet", **meta["config"])
+    x = torch.rand(1, 3, 32, 32)
+    for i, container in enumerate([bare, {"params": bare}, {"params_ema": bare, "params": {}}]):
+        path = tmp_path / f"c{i}.pth"
+        torch.save(container, path)
+        model = models.load(str(path), "mirnet", **meta["config"])
+        with torch.no_grad():
+            assert torch.equal(model(x), reference(x))
+
+
+def test_defocus_variant_skips_in_feature_space():
+    model = models.MIRNetV2(inp_channels=6, out_channels=3, n_feat=16, task="defocus_deblurring").eval()
+    with torch.no_grad():
+        torch.nn.init.zeros_(model.body[-1].body[-1].weight)  # last conv of the last group
+        x = torch.rand(1, 6, 16, 16)
+        shallow = model.conv_in(x)
+        deep = model.body(shallow)
+        assert torch.allclose(model(x), model.conv_out(deep + shallow))
+
+
+@pytest.mark.parametrize("cls,size", [(models.MIRNet, (30, 32)), (models.MIRNetV2, (32, 34))])
+def test_refuses_input_not_a_multiple(cls, size):
+    model = cls(n_feat=8) if cls is models.MIRNet else cls(n_feat=8, n_RRG=1, n_MRB=1)
+    with pytest.raises(ValueError, match="multiples of 4"):
+        model(torch.rand(1, 3, *size))
+
+
+def test_save_load_roundtrip_with_metadata_and_sharing(tmp_path):
+    model = models.build("mirnet", n_feat=8, n_RRG=1, n_MSRB=1, height=3, width=2)
+    path = tmp_path / "m.safetensors"
+    digest = models.save(model, str(path), task="denoise", recipe={"steps": 3})
+    loaded = models.load(str(path))
+    assert loaded.checkpoint["task"] == "denoise" and loaded.checkpoint["recipe"] == {"steps": 3}
+    assert loaded.checkpoint["config"]["n_feat"] == 8
+    x = torch.rand(1, 3, 16, 16)
+    with torch.no_grad():
+        assert torch.equal(loaded(x), model.eval()(x))
+    assert len(digest) == 64
+    # shared tensors are stored once
+    from safetensors import safe_open
+
+    with safe_open(str(path), "pt") as f:
+        assert len(list(f.keys())) < len(model.state_dict())
+
+
+def test_load_from_fsspec_url():
+    import fsspec
+
+    data = (CONFORMANCE / "mirnet_v2_small.pth").read_bytes()
+    with fsspec.open("memory://ckpt/v2.pth", "wb") as f:
+        f.write(data)
+    assert models.load("memory://ckpt/v2.pth").checkpoint["arch"] == "mirnet_v2"
+
+
+class _Payload:
+    def __init__(self, marker: str) -> None:
+        self.marker = marker
+
+    def __reduce__(self):
+        return (os.system, (f"touch {self.marker}",))
+
+
+def test_malicious_pickle_is_refused_and_does_not_run(tmp_path):
+    marker = tmp_path / "pwned"
+    path = tmp_path / "evil.pth"
+    torch.save({"state_dict": {"conv_in.weight": torch.zeros(1)}, "x": _Payload(str(marker))}, path)
+    with pytest.raises(CheckpointError, match="refused"):
+        models.load(str(path), "mirnet")
+    assert not marker.exists()
+
+
+def test_wrong_arch_names_the_fitting_one():
+    with pytest.raises(CheckpointError) as err:
+        models.load(str(CONFORMANCE / "mirnet_v2_small.pth"), "mirnet", n_feat=16)
+    message = str(err.value)
+    assert "missing keys" in message and "unexpected keys" in message
+    assert "fits arch='mirnet_v2'" in message and "'n_feat': 16" in message
+
+
+def test_wrong_config_lists_shape_mismatches():
+    meta = fixture_meta("mirnet_small")
+    config = dict(meta["config"], n_feat=32)
+    with pytest.raises(CheckpointError) as err:
+        models.load(str(CONFORMANCE / "mirnet_small.pth"), "mirnet", **config)
+    assert "shape mismatches" in str(err.value) and "conv_in.weight" in str(err.value)
+    assert "'n_feat': 16" in str(err.value)
+
+
+def test_truncated_file(tmp_path):
+    data = (CONFORMANCE / "mirnet_small.pth").read_bytes()
+    path = tmp_path / "cut.pth"
+    path.write_bytes(data[: len(data) // 2])
+    with pytest.raises(CheckpointError, match="truncated or corrupt"):
+        models.load(str(path))
+
+
+def test_truncated_safetensors(tmp_path):
+    model = models.build("mirnet_v2", n_feat=16, n_RRG=1, n_MRB=1)
+    path = tmp_path / "cut.safetensors"
+    path.write_bytes(models.checkpoints.to_bytes(model)[:-100])
+    with pytest.raises(CheckpointError, match="truncated or corrupt"):
+        models.load(str(path))
+
+
+@pytest.mark.parametrize("content", [b"hello world, not a model", b"\x89PNG\r\n\x1a\n" + b"\0" * 64])
+def test_not_a_checkpoint(tmp_path, content):
+    path = tmp_path / "thing.pth"
+    path.write_bytes(content)
+    with pytest.raises(CheckpointError, match="not a checkpoint"):
+        models.load(str(path))
+
+
+def test_pickled_non_dict_is_not_a_checkpoint(tmp_path):
+    path = tmp_path / "list.pth"
+    torch.save([torch.zeros(2)], path)
+    with pytest.raises(CheckpointError, match="not a checkpoint"):
+        models.load(str(path))
+
+
+def test_missing_file():
+    with pytest.raises(CheckpointError, match="file not found"):
+        models.load("/nonexistent/model.pth")
+
+
+def test_unknown_option_is_named():
+    with pytest.raises(CheckpointError, match="unknown mirnet option"):
+        models.load(str(CONFORMANCE / "mirnet_small.pth"), "mirnet", n_feats=16)
+
+
+def test_model_cards_registry():
+    cards = {c.name: c for c in models.list_cards()}
+    assert {"mirnet-paper", "mirnet-v2-paper", "mirnet-tiny"} <= set(cards)
+    paper = cards["mirnet-paper"]
+    assert paper.arch == "mirnet" and not paper.has_weights
+    with pytest.raises(models.NoWeightsError):
+        paper.load()
+    with pytest.raises(ValueError, match="task"):
+        models.ModelCard("x", "mirnet", {}, "paint")  # type: ignore[arg-type]
+    card = models.register(models.ModelCard("user-model", "mirnet_v2", {"n_feat": 16}, "denoise",
+                                            weights=str(CONFORMANCE / "mirnet_v2_small.pth")), replace=True)
+    assert card.load().checkpoint["card"] == "user-model"
+
+
+def test_card_sha256_is_checked(tmp_path):
+    card = models.ModelCard("bad-sha", "mirnet_v2", {"n_feat": 16}, "denoise",
+                            weights=str(CONFORMANCE / "mirnet_v2_small.pth"), sha256="0" * 64)
+    with pytest.raises(CheckpointError, match="sha256"):
+        card.load()
+
+
+def test_models_command_lists_cards():
+    out = subprocess.run([sys.executable, "-m", "pipeline.cli", "models"], capture_output=True, text=True, check=True)
+    assert "mirnet-paper" in out.stdout and "mirnet-v2-paper" in out.stdout

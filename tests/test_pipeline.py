@@ -1,0 +1,211 @@
+"""The distributed pipeline: S3 end to end, resume after SIGKILL, two nodes, worker configuration."""
+from __future__ import annotations
+
+import io
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+import s3fs
+from click.testing import CliRunner
+from PIL import Image
+
+from pipeline import codecs
+from pipeline.cli import main
+from pipeline.manifest import latest_rows, read_manifest
+from pipeline.storage import Storage, safe_relative_key
+
+from .conftest import photo
+
+PHOTOS = ["astronaut", "camera", "chelsea", "coffee", "retina", "hubble_deep_field", "rocket", "stereo_motorcycle",
+          "immunohistochemistry", "moon", "coins", "clock"]
+FORMATS = [("png", "PNG"), ("jpg", "JPEG"), ("tif", "TIFF"), ("webp", "WEBP"), ("bmp", "BMP")]
+
+
+def photo_files(count: int, size: int = 72) -> dict[str, bytes]:
+    """``count`` small real photos in mixed formats and nested folders (plus one 16-bit PNG)."""
+    files = {}
+    for i in range(count):
+        img = photo(PHOTOS[i % len(PHOTOS)])
+        y, x = (i * 37) % max(img.shape[0] - size, 1), (i * 53) % max(img.shape[1] - size, 1)
+        crop = np.ascontiguousarray(img[y:y + size, x:x + size])
+        ext, fmt = FORMATS[i % len(FORMATS)]
+        key = f"set{i % 3}/{'deep/' if i % 4 == 0 else ''}img{i:02d}.{ext}"
+        buffer = io.BytesIO()
+        Image.fromarray(crop).save(buffer, fmt)
+        files[key] = buffer.getvalue()
+    rgb16 = (photo("coffee")[:64, :80].astype(np.uint16) * 257 + 128)
+    image = codecs.DecodedImage("x", "PNG", [codecs.Page(rgb16)], 16, "RGB;16")
+    files["set1/deep16.png"] = codecs.encode(image, image.pages)
+    return files
+
+
+CORRUPT = {"set0/zero.png": b"", "set1/truncated.jpg": None, "set2/notes.tif": b"these are field notes, not a TIFF"}
+
+
+def upload(fs, root: str, files: dict[str, bytes]) -> None:
+    for key, data in files.items():
+        fs.pipe_file(f"{root}/{key}", data)
+
+
+def manifest_rows(url: str) -> list[dict]:
+    return read_manifest(Storage(url)).to_pylist()
+
+
+@pytest.fixture
+def s3_photos(bucket, ray_runtime):
+    fs = s3fs.S3FileSystem()
+    good = photo_files(21)
+    corrupt = dict(CORRUPT)
+    corrupt["set1/truncated.jpg"] = good["set0/deep/img00.png"][:0] or next(v for k, v in good.items()
+                                                                           if k.endswith(".jpg"))[:300]
+    upload(fs, f"{bucket}/in", {**good, **corrupt})
+    return f"s3://{bucket}/in", f"s3://{bucket}/out", good, corrupt
+
+
+def test_s3_end_to_end_then_rerun_retries_only_failures(s3_photos, small_model):
+    src, dst, good, corrupt = s3_photos
+    runner = CliRunner()
+    args = ["restore", src, dst, "--model", small_model, "--executor", "ray", "--quiet", "--tile", "64",
+            "--overlap", "8"]
+    first = runner.invoke(main, args)
+    assert first.exit_code == 1, first.output
+    assert "FAILED" in first.output
+    fs = s3fs.S3FileSystem()
+    fs.invalidate_cache()
+    for key, data in good.items():
+        out = fs.cat_file(f"{dst[5:]}/{key}")
+        original, restored = codecs.decode(data, key), codecs.decode(out, key)
+        assert (restored.width, restored.height, restored.mode) == (original.width, original.height, original.mode)
+    rows = manifest_rows(dst)
+    assert len(rows) == len(good) + len(corrupt)
+    by_key = {r["key"]: r for r in rows}
+    assert {k for k, r in by_key.items() if r["status"] == "failed"} == set(corrupt)
+    assert "empty file" in by_key["set0/zero.png"]["error_message"]
+    assert "not a recognised image" in by_key["set2/notes.tif"]["error_message"]
+    assert all(r["error_class"] == "CodecError" for r in rows if r["status"] == "failed")
+    ok = [r for r in rows if r["status"] == "ok"]
+    assert all(r["model_sha256"] and r["tiles"] >= 1 and r["seconds"] > 0 and r["width"] for r in ok)
+
+    second = runner.invoke(main, args)
+    assert second.exit_code == 1
+    rows = manifest_rows(dst)
+    runs = sorted({r["run_id"] for r in rows})
+    assert len(runs) == 2
+    rerun = [r for r in rows if r["run_id"] == runs[1]]
+    assert {r["key"] for r in rerun if r["status"] != "skipped"} == set(corrupt)
+    assert {r["key"] for r in rerun if r["status"] == "skipped"} == set(good)
+
+
+def test_dry_run_lists_work_without_writing(tmp_path, small_model):
+    src = tmp_path / "in"
+    for key, data in photo_files(3).items():
+        (src / key).parent.mkdir(parents=True, exist_ok=True)
+        (src / key).write_bytes(data)
+    result = CliRunner().invoke(main, ["restore", str(src), str(tmp_path / "out"), "--model", small_model,
+                                       "--dry-run", "--format", "png"])
+    assert result.exit_code == 0
+    lines = [line for line in result.output.splitlines() if line.startswith("restore ")]
+    assert len(lines) == 4 and all(line.endswith(".png") for line in lines)
+    assert "4 to restore" in result.output
+    assert not (tmp_path / "out").exists()
+
+
+def test_unsafe_keys_are_refused():
+    for key in ["../escape.png", "a/../../b.png", "/abs.png", "s3://x/y.png"]:
+        with pytest.raises(ValueError, match="unsafe key"):
+            safe_relative_key(key)
+    assert safe_relative_key("a/./b/../c.png") == "a/c.png"
+
+
+def test_key_list_instead_of_listing(tmp_path, small_model):
+    src = tmp_path / "in"
+    files = photo_files(4)
+    for key, data in files.items():
+        (src / key).parent.mkdir(parents=True, exist_ok=True)
+        (src / key).write_bytes(data)
+    chosen = sorted(files)[:2]
+    keys = tmp_path / "keys.txt"
+    keys.write_text("# two of them\n" + "\n".join(chosen) + "\n")
+    result = CliRunner().invoke(main, ["restore", str(src), str(tmp_path / "out"), "--model", small_model,
+                                       "--keys-from", str(keys), "--executor", "inline", "--quiet"])
+    assert result.exit_code == 0, result.output
+    assert sorted(r["key"] for r in manifest_rows(str(tmp_path / "out"))) == chosen
+
+
+def _driver(args: list[str], env: dict | None = None) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, "-m", "pipeline.cli", *args], stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, start_new_session=True, env=env)
+
+
+def _kill_group(proc: subprocess.Popen) -> None:
+    try:
+        os.killpg(proc.pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
+    proc.wait()
+
+
+def _pixels(path: Path) -> np.ndarray:
+    return codecs.decode(path.read_bytes(), str(path)).pages[0].samples
+
+
+def test_resume_after_sigkill_writes_each_output_once(tmp_path, small_model):
+    src = tmp_path / "in"
+    files = photo_files(30, size=96)
+    for key, data in files.items():
+        (src / key).parent.mkdir(parents=True, exist_ok=True)
+        (src / key).write_bytes(data)
+    common = ["--model", small_model, "--executor", "ray", "--quiet", "--num-cpus", "2", "--images-per-batch", "1",
+              "--tile", "64", "--overlap", "8"]
+    out = tmp_path / "out"
+    proc = _driver(["restore", str(src), str(out), *common])
+    deadline = time.time() + 300
+    try:
+        while time.time() < deadline and proc.poll() is None:
+            if (out / "_manifest").exists() and any((out / "_manifest").iterdir()):
+                break
+            time.sleep(0.2)
+        assert proc.poll() is None, "the run finished before it could be interrupted"
+        proc.send_signal(signal.SIGKILL)  # the driver dies mid-run
+        proc.wait()
+    finally:
+        _kill_group(proc)
+    done_before = {r["key"] for r in manifest_rows(str(out)) if r["status"] == "ok"}
+    assert 0 < len(done_before) < len(files)
+
+    result = CliRunner().invoke(main, ["restore", str(src), str(out), *common])
+    assert result.exit_code == 0, result.output
+    rows = manifest_rows(str(out))
+    ok_rows = [r for r in rows if r["status"] == "ok"]
+    assert sorted(r["key"] for r in ok_rows) == sorted(files), "an output was written twice or not at all"
+    skipped = {r["key"] for r in rows if r["status"] == "skipped"}
+    assert skipped == done_before
+
+    reference = tmp_path / "reference"
+    result = CliRunner().invoke(main, ["restore", str(src), str(reference), *common])
+    assert result.exit_code == 0
+    for key in files:
+        assert np.array_equal(_pixels(out / key), _pixels(reference / key)), key
+    assert not list(out.rglob(".mirnet-tmp-*"))
+
+
+def test_two_node_cluster_runs_replicas_on_both_and_workers_get_s3_config(s3_photos, small_model):
+    """Nodes started without AWS variables; the driver has them; replicas on both nodes read S3."""
+    src, dst, good, corrupt = s3_photos
+    helper = Path(__file__).parent / "helpers" / "two_node_job.py"
+    proc = subprocess.run([sys.executable, str(helper), src, dst, small_model], capture_output=True, text=True,
+                          timeout=900, start_new_session=True)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
+    report = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert report == {"ok": len(good), "failed": len(corrupt), "exit_code": 1, "alive_nodes": 2}
+    ok = [r for r in manifest_rows(dst) if r["status"] == "ok"]
+    assert len(ok) == len(good)
+    assert len({r["node"] for r in ok}) == 2, "replicas did not run on both nodes"

@@ -115,6 +115,7 @@ class Storage:
         Patterns match the relative key or its base name, case-insensitively.
         """
         include, exclude = [p.lower() for p in include], [p.lower() for p in exclude]
+        self.fs.invalidate_cache(self.root)  # another process may have written since the last listing
         found = with_retries(lambda: self.fs.find(self.root, withdirs=False), f"list {self.url}")
         keys = []
         for path in found:
@@ -134,10 +135,12 @@ class Storage:
 
     def read(self, key: str) -> bytes:
         path = self.path(key)
+        self.fs.invalidate_cache(path)
         return with_retries(lambda: self.fs.cat_file(path), f"read {self.display(key)}")
 
     def exists(self, key: str) -> bool:
         path = self.path(key)
+        self.fs.invalidate_cache(path)
         return with_retries(lambda: self.fs.exists(path), f"stat {self.display(key)}")
 
     def write(self, key: str, data: bytes) -> None:

@@ -1,7 +1,10 @@
 """Training with the papers' recipe on Ray Train (DDP; gloo on the CPU, NCCL on GPUs).
 
 Defaults follow MIRNet: Charbonnier loss (eps 1e-3), Adam (lr 2e-4, betas 0.9/0.999),
-a linear warm-up then cosine annealing to 1e-6, 128x128 patches, batch 16.
+a linear warm-up then cosine annealing to 1e-6, 128x128 patches, batch 16. One
+addition: the output convolution starts at zero (``optim.zero_init_last``), so the
+network starts as the identity map of its global skip and validation never starts
+below the degraded input; set it to false for the papers' initialisation.
 
 Checkpoints (model, optimizer, scheduler, step, config, metric history) are written
 every ``checkpoint.every`` steps under ``CHECKPOINT_DIR/RUN_NAME/checkpoints/`` on any
@@ -49,7 +52,7 @@ DEFAULTS: dict[str, Any] = {
         "storage_options": {},
     },
     "optim": {"lr": 2e-4, "betas": [0.9, 0.999], "min_lr": 1e-6, "warmup_steps": None, "charbonnier_eps": 1e-3,
-              "grad_clip": None},
+              "grad_clip": None, "zero_init_last": True},
     "train": {"steps": 1000, "batch_size": 16, "seed": 0, "log_every": 10},
     "checkpoint": {"dir": "runs", "every": 100},
     "validate": {"every": 100, "crop": 256},
@@ -254,6 +257,8 @@ def train_loop_per_worker(cfg: dict[str, Any]) -> None:
     torch.manual_seed(seed)
     model = models.build(cfg["model"]["arch"], **cfg["model"]["config"])
     o = cfg["optim"]
+    if o.get("zero_init_last", True):  # start as the identity map: never below the input's quality
+        torch.nn.init.zeros_(model.conv_out.weight)
     optimizer = torch.optim.Adam(model.parameters(), lr=o["lr"], betas=tuple(o["betas"]))
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_at(s, cfg) / o["lr"])
     store = RunStore(cfg)

@@ -1,0 +1,128 @@
+"""Training on Ray Train from S3 with exact resume; metrics against scikit-image's references."""
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import s3fs
+from click.testing import CliRunner
+from PIL import Image
+from skimage.color import rgb2ycbcr
+from skimage.metrics import peak_signal_noise_ratio, structural_similarity
+
+from pipeline import metrics
+from pipeline.cli import main
+from pipeline.train import load_config, lr_at, run_training
+
+from .conftest import photo
+
+TRAIN_PHOTOS = ["astronaut", "coffee", "rocket", "immunohistochemistry"]
+
+
+def tiny_config(bucket: str) -> dict:
+    return load_config({
+        "name": "tiny-denoise",
+        "task": "denoise",
+        "model": {"arch": "mirnet_v2", "config": {"n_feat": 16, "n_RRG": 1, "n_MRB": 1}},
+        "data": {"train": {"clean": f"s3://{bucket}/clean"}, "val": {"clean": f"s3://{bucket}/val"},
+                 "degradation": {"kind": "gaussian", "sigma": [30, 60]},
+                 "val_degradation": {"kind": "gaussian", "sigma": [50, 50]}, "patch": 48},
+        "optim": {"lr": 1e-3, "warmup_steps": 3},
+        "train": {"steps": 40, "batch_size": 4, "log_every": 5},
+        "checkpoint": {"dir": f"s3://{bucket}/runs", "every": 10},
+        "validate": {"every": 20, "crop": 96},
+        "scaling": {"num_workers": 2},
+    })
+
+
+def test_train_from_s3_with_two_workers_resume_and_export(bucket, ray_runtime, tmp_path):
+    fs = s3fs.S3FileSystem()
+    for name in TRAIN_PHOTOS:
+        fs.pipe_file(f"{bucket}/clean/{name}.png", _png(photo(name)))
+    fs.pipe_file(f"{bucket}/val/chelsea.png", _png(photo("chelsea")))  # not used for training
+    cfg = tiny_config(bucket)
+
+    first = run_training(cfg, stop_after=20)
+    assert first["step"] == 20 and first["resumed_from"] == 0
+    fs.invalidate_cache()
+    assert fs.exists(f"{bucket}/runs/tiny-denoise/checkpoints/step-00000020.pt")
+
+    second = run_training(cfg)
+    assert second["resumed_from"] == 20 and second["step"] == 40
+    steps = [r["step"] for r in second["history"]]
+    assert steps == sorted(set(steps)) and steps[-1] == 40, "training restarted instead of resuming"
+    after = [r for r in second["history"] if r["step"] > 20]
+    assert after, "no steps were recorded after the resume"
+    for record in second["history"]:
+        assert record["lr"] == pytest.approx(lr_at(record["step"] - 1, cfg), rel=1e-9)
+    assert after[0]["lr"] < cfg["optim"]["lr"]  # mid-schedule, not the warm-up start
+
+    final = second["history"][-1]
+    assert final["val_psnr"] > final["val_input_psnr"] + 1.0, final
+    fs.invalidate_cache()
+    for name in ("model.safetensors", "card.json", "metrics.csv", "metrics.json", "metrics.png"):
+        assert fs.exists(f"{bucket}/runs/tiny-denoise/{name}"), name
+
+    noisy = np.clip(photo("chelsea")[:96, :128] + np.random.default_rng(0).normal(0, 50, (96, 128, 3)), 0, 255)
+    src = tmp_path / "noisy.png"
+    Image.fromarray(noisy.astype(np.uint8)).save(src)
+    result = CliRunner().invoke(main, ["restore", str(src), str(tmp_path / "clean.png"), "--model",
+                                       f"s3://{bucket}/runs/tiny-denoise/model.safetensors", "--quiet"])
+    assert result.exit_code == 0, result.output
+    restored = np.asarray(Image.open(tmp_path / "clean.png")).astype(np.float64)
+    clean = photo("chelsea")[:96, :128].astype(np.float64)
+    assert metrics.psnr(restored / 255, clean / 255) > metrics.psnr(noisy.astype(np.uint8) / 255, clean / 255)
+
+
+def _png(img: np.ndarray) -> bytes:
+    import io
+
+    buffer = io.BytesIO()
+    Image.fromarray(img).save(buffer, "PNG")
+    return buffer.getvalue()
+
+
+def test_metrics_equal_scikit_image_references():
+    clean = photo("chelsea").astype(np.float64) / 255
+    noisy = np.clip(clean + np.random.default_rng(1).normal(0, 0.1, clean.shape), 0, 1)
+    noisy = np.rint(noisy * 255) / 255
+    assert metrics.psnr(noisy, clean) == pytest.approx(peak_signal_noise_ratio(clean, noisy, data_range=1.0))
+    reference_ssim = structural_similarity(clean, noisy, data_range=1.0, channel_axis=2, gaussian_weights=True,
+                                           sigma=1.5, use_sample_covariance=False)
+    assert metrics.ssim(noisy, clean) == pytest.approx(reference_ssim)
+    # Y channel: scikit-image's BT.601 conversion (Y in 16..235) as the reference
+    y_clean, y_noisy = rgb2ycbcr(clean)[..., 0] / 255, rgb2ycbcr(noisy)[..., 0] / 255
+    assert metrics.psnr(noisy, clean, y_channel=True) == pytest.approx(
+        peak_signal_noise_ratio(y_clean, y_noisy, data_range=1.0), abs=1e-6)
+    # SR convention: the border of `scale` pixels is left out
+    assert metrics.psnr(noisy, clean, crop_border=4) == pytest.approx(
+        peak_signal_noise_ratio(clean[4:-4, 4:-4], noisy[4:-4, 4:-4], data_range=1.0))
+    assert 0 < metrics.ssim(noisy, clean) < 1
+
+
+def test_eval_command_prints_and_writes_json(tmp_path, small_model):
+    noisy_dir, clean_dir = tmp_path / "noisy", tmp_path / "clean"
+    noisy_dir.mkdir()
+    clean_dir.mkdir()
+    for name in ("camera", "coins"):
+        clean = photo(name)[:64, :64]
+        noisy = np.clip(clean + np.random.default_rng(2).normal(0, 20, clean.shape), 0, 255).astype(np.uint8)
+        Image.fromarray(clean).save(clean_dir / f"{name}.png")
+        Image.fromarray(noisy).save(noisy_dir / f"{name}.png")
+    out = tmp_path / "eval.json"
+    result = CliRunner().invoke(main, ["eval", "--model", small_model, "--input", str(noisy_dir), "--target",
+                                       str(clean_dir), "--json", str(out)])
+    assert result.exit_code == 0, result.output
+    assert "camera.png" in result.output and "mean" in result.output
+    report = json.loads(out.read_text())
+    assert [r["key"] for r in report["images"]] == ["camera.png", "coins.png"]
+    assert report["mean"]["input_psnr"] == pytest.approx(np.mean([r["input_psnr"] for r in report["images"]]))
+
+
+def test_config_errors_are_specific():
+    with pytest.raises(ValueError, match="unknown config key 'optim.learning_rate'"):
+        load_config({"name": "x", "data": {"train": {"clean": "a"}, "degradation": {"kind": "gaussian"}},
+                     "optim": {"learning_rate": 1}})
+    with pytest.raises(ValueError, match="needs data.degradation"):
+        load_config({"name": "x", "data": {"train": {"clean": "a"}}})

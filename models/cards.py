@@ -153,6 +153,8 @@ def _register_builtins() -> None:
                        summary="MIRNet-v2 at the paper's configuration (5.9M parameters)."))
     register(ModelCard("mirnet-tiny", "mirnet", {"n_feat": 8, "n_RRG": 1, "n_MSRB": 1, "height": 2, "width": 2},
                        "denoise", size_multiple=2, summary="Smallest MIRNet configuration, for tests."))
+    register(ModelCard("mirnet-v2-tiny", "mirnet_v2", {"n_feat": 4, "n_RRG": 1, "n_MRB": 1}, "denoise",
+                       summary="Smallest MIRNet-v2 configuration (3.4k parameters), for memory and speed tests."))
     if WEIGHTS_DIR.is_dir():
         load_card_dir(WEIGHTS_DIR)
     extra = os.environ.get("MIRNET_CARDS")

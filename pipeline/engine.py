@@ -331,5 +331,7 @@ class PageJob:
 
 
 def quantise(values: np.ndarray, peak: float, dtype: np.dtype) -> np.ndarray:
-    """Float [0, 1] to integer samples of ``dtype`` (rounded, clipped)."""
+    """Float [0, 1] to samples of ``dtype``: rounded integers, or clipped floats for a float dtype."""
+    if np.issubdtype(dtype, np.floating):
+        return np.clip(values, 0.0, 1.0).astype(dtype)
     return np.rint(np.clip(values, 0.0, 1.0) * peak).astype(dtype)

@@ -25,7 +25,9 @@ def spec(small_model) -> ModelSpec:
 
 
 def photo_512x768() -> np.ndarray:
-    return np.ascontiguousarray(photo("stereo_motorcycle")[:512, :768])
+    img = np.ascontiguousarray(photo("retina")[400:912, 300:1068])
+    assert img.shape == (512, 768, 3)
+    return img
 
 
 def float_job(img: np.ndarray) -> PageJob:

@@ -1,0 +1,98 @@
+"""Images/s of the Ray pipeline against a plain single-process loop, same engine and model.
+
+The loop decodes, restores (torch using every core) and encodes one image after
+another. The pipeline runs the same stages as a Ray Data graph on an embedded local
+runtime (started before timing; its start-up time is printed separately).
+
+    python benchmarks/pipeline_throughput.py [--images 24] [--size 256] [--model NAME_OR_PATH]
+"""
+from __future__ import annotations
+
+import argparse
+import io
+import json
+import os
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+
+
+def make_inputs(folder: Path, count: int, size: int) -> None:
+    import skimage.data
+
+    photos = [skimage.data.astronaut(), skimage.data.coffee(), skimage.data.rocket(), skimage.data.chelsea(),
+              skimage.data.hubble_deep_field(), skimage.data.immunohistochemistry()]
+    rng = np.random.default_rng(0)
+    for i in range(count):
+        img = photos[i % len(photos)]
+        y, x = rng.integers(0, img.shape[0] - size + 1), rng.integers(0, img.shape[1] - size + 1)
+        crop = img[y:y + size, x:x + size].astype(np.float32)
+        noisy = np.clip(crop + rng.normal(0, 25, crop.shape), 0, 255).astype(np.uint8)
+        Image.fromarray(noisy).save(folder / f"img{i:03d}.png")
+
+
+def default_model() -> str:
+    import models
+
+    for card in models.list_cards():
+        if card.task == "denoise" and card.default and card.has_weights:
+            return card.name
+    raise SystemExit("no shipped denoising model; pass --model")
+
+
+def main() -> dict:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--images", type=int, default=24)
+    parser.add_argument("--size", type=int, default=256)
+    parser.add_argument("--model")
+    parser.add_argument("--json")
+    args = parser.parse_args()
+    model = args.model or default_model()
+    cpus = os.cpu_count() or 1
+
+    from pipeline.engine import EngineSettings, Restorer, resolve_model
+    from pipeline.graph import ClusterOptions, connect
+    from pipeline.plan import make_plan
+    from pipeline.runner import execute
+    from pipeline.stages import JobSpec
+
+    settings = EngineSettings()
+    with tempfile.TemporaryDirectory() as tmp:
+        src = Path(tmp) / "in"
+        src.mkdir()
+        make_inputs(src, args.images, args.size)
+
+        torch.set_num_threads(cpus)
+        restorer = Restorer(resolve_model(model, "denoise"), settings)
+        plan = make_plan(str(src), str(Path(tmp) / "loop"))
+        spec = JobSpec(plan.source, plan.output, model, "denoise", None, settings)
+        start = time.perf_counter()
+        loop = execute(plan, spec, executor="inline", quiet=True, restorer=restorer)
+        loop_seconds = time.perf_counter() - start
+
+        start = time.perf_counter()
+        connect(ClusterOptions())
+        startup = time.perf_counter() - start
+        plan = make_plan(str(src), str(Path(tmp) / "ray"))
+        spec = JobSpec(plan.source, plan.output, model, "denoise", None, settings)
+        start = time.perf_counter()
+        ray_result = execute(plan, spec, executor="ray", quiet=True)
+        ray_seconds = time.perf_counter() - start
+    assert loop.ok == ray_result.ok == args.images
+    report = {"images": args.images, "size": args.size, "model": model, "cpus": cpus,
+              "loop_images_per_s": round(args.images / loop_seconds, 3),
+              "pipeline_images_per_s": round(args.images / ray_seconds, 3),
+              "ratio_pipeline_over_loop": round(loop_seconds / ray_seconds, 3),
+              "ray_startup_s": round(startup, 1)}
+    print(json.dumps(report))
+    if args.json:
+        Path(args.json).write_text(json.dumps(report, indent=1))
+    return report
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,77 @@
+"""Shipped weights: present, intact, and better than their degraded input on held-out photos."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+from click.testing import CliRunner
+from PIL import Image
+
+import models
+from models.checkpoints import sha256_hex
+from pipeline.cli import main
+from pipeline.data import skimage_photo
+from pipeline.degrade import gaussian, low_light
+from pipeline.engine import resize_bicubic
+from pipeline.metrics import psnr
+
+REPO = Path(__file__).resolve().parent.parent
+HELD_OUT = "chelsea"  # never used for training (see the cards' recipes)
+DEFAULTS = [("denoise", 1), ("enhance", 1), ("sr", 2), ("sr", 4)]
+
+
+def clean_crop() -> np.ndarray:
+    return skimage_photo(HELD_OUT)[20:276, 100:420].astype(np.float32) / 255
+
+
+def degrade(task: str, scale: int, clean: np.ndarray) -> np.ndarray:
+    rng = np.random.default_rng(5)
+    if task == "denoise":
+        return gaussian(clean, rng, 25)
+    if task == "enhance":
+        return low_light(clean, rng, 0.2, 1.25, 300, 2)
+    h, w = clean.shape[:2]
+    return resize_bicubic(clean, h // scale, w // scale)
+
+
+def to_png(img: np.ndarray, path: Path) -> None:
+    Image.fromarray(np.rint(np.clip(img, 0, 1) * 255).astype(np.uint8)).save(path)
+
+
+@pytest.mark.parametrize("task,scale", DEFAULTS, ids=[f"{t}-x{s}" for t, s in DEFAULTS])
+def test_shipped_model_loads_matches_sha_and_improves(task, scale, tmp_path):
+    card = models.default_for(task, scale)
+    assert card.has_weights and card.sha256
+    assert HELD_OUT not in str(card.recipe.get("data", {}).get("train"))
+    assert sha256_hex(Path(card.weights_uri).read_bytes()) == card.sha256
+    assert card.load().checkpoint["sha256"] == card.sha256
+    clean = clean_crop()
+    degraded = degrade(task, scale, clean)
+    src, dst = tmp_path / "in.png", tmp_path / "out.png"
+    to_png(degraded, src)
+    args = ["restore", str(src), str(dst), "--task", task, "--quiet"] + (["--scale", str(scale)] if task == "sr" else [])
+    result = CliRunner().invoke(main, args)
+    assert result.exit_code == 0, result.output
+    restored = np.asarray(Image.open(dst)).astype(np.float32) / 255
+    assert restored.shape == clean.shape
+    baseline = np.asarray(Image.open(src)).astype(np.float32) / 255
+    if task == "sr":
+        baseline = np.rint(resize_bicubic(baseline, *clean.shape[:2]) * 255) / 255
+    assert psnr(restored, clean, crop_border=scale if task == "sr" else 0) > \
+        psnr(baseline, clean, crop_border=scale if task == "sr" else 0) + 0.1
+
+
+def test_readme_main_command_restores_the_samples(tmp_path):
+    samples = REPO / "samples" / "denoise"
+    result = CliRunner().invoke(main, ["restore", str(samples), str(tmp_path / "restored"), "--task", "denoise",
+                                       "--executor", "inline", "--quiet"])
+    assert result.exit_code == 0, result.output
+    for path in samples.glob("*.png"):
+        out = Image.open(tmp_path / "restored" / path.name)
+        assert out.size == Image.open(path).size and out.mode == Image.open(path).mode
+
+
+def test_weights_fit_the_size_budget():
+    total = sum(p.stat().st_size for p in (REPO / "models" / "weights").glob("*.safetensors"))
+    assert total <= 40 * 2**20

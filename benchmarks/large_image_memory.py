@@ -5,12 +5,11 @@ with `mirnet restore` in a child process using the smallest model configuration
 (card `mirnet-v2-tiny`, random weights: memory does not depend on their values), and
 prints the child's peak RSS.
 
-    python benchmarks/large_image_memory.py [--size 12000] [--json out.json]
+    python -m benchmarks.large_image_memory [--size 12000] [--json out.json]
 """
 from __future__ import annotations
 
 import argparse
-import json
 import resource
 import subprocess
 import sys
@@ -20,6 +19,8 @@ from pathlib import Path
 
 import numpy as np
 import tifffile
+
+from benchmarks.report import emit
 
 
 def make_image(path: Path, size: int) -> None:
@@ -57,10 +58,7 @@ def main() -> dict:
             shape = tif.pages[0].shape
     report = {"size": args.size, "output_shape": list(shape), "peak_rss_gib": round(peak_kib / 2**20, 3),
               "seconds": round(seconds, 1), "input_gib": round(args.size ** 2 * 3 / 2**30, 3)}
-    print(json.dumps(report))
-    if args.json:
-        Path(args.json).write_text(json.dumps(report, indent=1))
-    return report
+    return emit(report, args.json)
 
 
 if __name__ == "__main__":

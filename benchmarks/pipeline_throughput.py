@@ -4,13 +4,11 @@ The loop decodes, restores (torch using every core) and encodes one image after
 another. The pipeline runs the same stages as a Ray Data graph on an embedded local
 runtime (started before timing; its start-up time is printed separately).
 
-    python benchmarks/pipeline_throughput.py [--images 24] [--size 256] [--model NAME_OR_PATH]
+    python -m benchmarks.pipeline_throughput [--images 24] [--size 256] [--model NAME_OR_PATH]
 """
 from __future__ import annotations
 
 import argparse
-import io
-import json
 import os
 import tempfile
 import time
@@ -19,6 +17,8 @@ from pathlib import Path
 import numpy as np
 import torch
 from PIL import Image
+
+from benchmarks.report import emit
 
 
 def make_inputs(folder: Path, count: int, size: int) -> None:
@@ -88,10 +88,7 @@ def main() -> dict:
               "pipeline_images_per_s": round(args.images / ray_seconds, 3),
               "ratio_pipeline_over_loop": round(loop_seconds / ray_seconds, 3),
               "ray_startup_s": round(startup, 1)}
-    print(json.dumps(report))
-    if args.json:
-        Path(args.json).write_text(json.dumps(report, indent=1))
-    return report
+    return emit(report, args.json)
 
 
 if __name__ == "__main__":

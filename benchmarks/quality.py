@@ -11,7 +11,7 @@ Validation photos (never used for training): scikit-image's chelsea, camera and 
 Writes a Markdown table and JSON, and (with --update-cards) the measured figures into
 each shipped card's `metrics`.
 
-    python benchmarks/quality.py --out benchmarks/results --update-cards
+    python -m benchmarks.quality --out benchmarks/results --update-cards
 """
 from __future__ import annotations
 

@@ -1,7 +1,7 @@
 """How far tiled restoration is from whole-image restoration (MIRNet's attention pools
 over its whole input, so tiles see less context), on a real 512x768 photo.
 
-    python benchmarks/tiling_fidelity.py [--model NAME_OR_PATH]
+    python -m benchmarks.tiling_fidelity [--model NAME_OR_PATH]
 """
 from __future__ import annotations
 

@@ -90,11 +90,13 @@ def pool_shape(options: ClusterOptions) -> dict[str, Any]:
     if options.num_gpus and options.num_gpus > gpus:
         raise ValueError(f"--num-gpus {options.num_gpus} asked for, but the cluster has {gpus} GPU(s)")
     if use_gpus > 0:
-        return {"size": use_gpus, "num_gpus": 1, "num_cpus": 1, "threads": 1, "device": "cuda"}
+        return {"size": use_gpus, "num_gpus": 1, "num_cpus": 1, "threads": 1, "device": "cuda", "in_flight": 2}
     cpus = int(resources.get("CPU", 1))
     per = options.cpus_per_replica or (1 if cpus <= 4 else 4)
     size = options.replicas or max(1, cpus // per)
-    return {"size": size, "num_gpus": 0, "num_cpus": per * CPU_REPLICA_SHARE, "threads": per, "device": "cpu"}
+    # One batch in flight per CPU replica: a busy replica never queues work an idle one could take.
+    return {"size": size, "num_gpus": 0, "num_cpus": per * CPU_REPLICA_SHARE, "threads": per, "device": "cpu",
+            "in_flight": 1}
 
 
 def run_graph(spec: JobSpec, items: list[WorkItem], options: ClusterOptions) -> Iterator[Row]:
@@ -113,7 +115,8 @@ def run_graph(spec: JobSpec, items: list[WorkItem], options: ClusterOptions) -> 
     ds = ds.map_batches(_per_row(lambda row: stages.read(row, spec)), batch_size=1, num_cpus=LIGHT_TASK_CPUS)
     ds = ds.map_batches(_per_row(lambda row: stages.decode(row, spec)), batch_size=1, num_cpus=LIGHT_TASK_CPUS)
     ds = ds.map_batches(RestoreReplica, batch_size=per_batch,
-                        compute=ray.data.ActorPoolStrategy(size=shape["size"]),
+                        compute=ray.data.ActorPoolStrategy(size=shape["size"],
+                                                           max_tasks_in_flight_per_actor=shape["in_flight"]),
                         fn_constructor_kwargs={"spec": spec, "threads": shape["threads"], "device": shape["device"]},
                         num_gpus=shape["num_gpus"], num_cpus=shape["num_cpus"])
     ds = ds.map_batches(_per_row(lambda row: stages.finish(stages.write(row, spec), spec)), batch_size=1,

@@ -197,12 +197,17 @@ def test_resume_after_sigkill_writes_each_output_once(tmp_path, small_model):
     assert not list(out.rglob(".mirnet-tmp-*"))
 
 
-def test_two_node_cluster_runs_replicas_on_both_and_workers_get_s3_config(s3_photos, small_model):
+def test_two_node_cluster_runs_replicas_on_both_and_workers_get_s3_config(bucket, small_model):
     """Nodes started without AWS variables; the driver has them; replicas on both nodes read S3."""
-    src, dst, good, corrupt = s3_photos
+    # Images large enough that the job outlasts a replica's start-up, so both replicas get work.
+    good, corrupt = photo_files(12, size=224), {"set0/zero.png": b"", "set2/notes.tif": b"not a TIFF"}
+    upload(s3fs.S3FileSystem(), f"{bucket}/in", {**good, **corrupt})
+    src, dst = f"s3://{bucket}/in", f"s3://{bucket}/out"
     helper = Path(__file__).parent / "helpers" / "two_node_job.py"
+    # The helper starts its own cluster: hand it none of this process's Ray or pytest settings.
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("RAY_", "PYTEST_", "PYTHONBREAKPOINT"))}
     proc = subprocess.run([sys.executable, str(helper), src, dst, small_model], capture_output=True, text=True,
-                          timeout=900, start_new_session=True)
+                          timeout=900, start_new_session=True, env=env)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
     report = json.loads(proc.stdout.strip().splitlines()[-1])
     assert report == {"ok": len(good), "failed": len(corrupt), "exit_code": 1, "alive_nodes": 2}

@@ -13,7 +13,8 @@ from ray.cluster_utils import Cluster
 
 src, dst, model = sys.argv[1:4]
 saved = {k: os.environ.pop(k) for k in list(os.environ) if k.startswith("AWS_")}
-os.environ.pop("RAY_ADDRESS", None)
+for inherited in ("RAY_ADDRESS", "RAY_AUTH_MODE", "RAY_CLIENT_MODE"):  # set by the parent's own runtime
+    os.environ.pop(inherited, None)
 cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 1})
 cluster.add_node(num_cpus=1)
 cluster.wait_for_nodes()

@@ -25,7 +25,8 @@ def make_inputs(folder: Path, count: int, size: int) -> None:
     import skimage.data
 
     photos = [skimage.data.astronaut(), skimage.data.coffee(), skimage.data.rocket(), skimage.data.chelsea(),
-              skimage.data.hubble_deep_field(), skimage.data.immunohistochemistry()]
+              skimage.data.hubble_deep_field(), skimage.data.immunohistochemistry(), skimage.data.retina()]
+    photos = [p for p in photos if min(p.shape[:2]) >= size]
     rng = np.random.default_rng(0)
     for i in range(count):
         img = photos[i % len(photos)]

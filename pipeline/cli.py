@@ -55,7 +55,7 @@ def main(verbose: bool) -> None:
               help="Output format (default: as input).")
 @click.option("--tile", type=int, help="Tile size in pixels (default: from free device memory; 512 on CPU).")
 @click.option("--overlap", type=int, default=32, show_default=True, help="Tile overlap in pixels.")
-@click.option("--batch-size", type=int, default=4, show_default=True, help="Tiles per model call.")
+@click.option("--batch-size", type=int, help="Tiles per model call (default: 1 on CPU, 8 on CUDA).")
 @click.option("--precision", type=click.Choice(["auto", "fp32", "bf16", "fp16"]), default="auto", show_default=True,
               help="auto: fp32 on CPU, bf16 autocast on CUDA where the model allows.")
 @click.option("--device", help="torch device for in-process runs (default: cuda if available).")
@@ -77,7 +77,7 @@ def main(verbose: bool) -> None:
 @click.option("--executor", type=click.Choice(["auto", "ray", "inline"]), default="auto", show_default=True,
               help="auto: in-process for one file, Ray for many.")
 def restore(src: str, dst: str, task: str | None, model: str | None, scale: str | None, out_format: str | None,
-            tile: int | None, overlap: int, batch_size: int, precision: str, device: str | None,
+            tile: int | None, overlap: int, batch_size: int | None, precision: str, device: str | None,
             address: str | None, num_gpus: int | None, replicas: int | None, cpus_per_replica: int | None,
             images_per_batch: int, num_cpus: int | None, include: tuple[str, ...], exclude: tuple[str, ...],
             keys_from: str | None, storage_options: str | None, overwrite: bool, dry_run: bool,

@@ -43,7 +43,7 @@ class EngineError(ValueError):
 class EngineSettings:
     tile: int | None = None  # None: chosen from free device memory (CPU: 512)
     overlap: int = 32
-    batch_size: int = 4
+    batch_size: int | None = None  # tiles per model call; None: 1 on CPU (larger batches only thrash its caches), 8 on CUDA
     precision: Precision = "auto"
     device: str | None = None  # None: cuda if available, else cpu
     scale: int | None = None  # for task sr: 2, 3 or 4 (default: the model's)
@@ -143,7 +143,8 @@ class Restorer:
         if spec.task == "sr" and settings.scale not in (None, spec.scale):
             raise EngineError(f"model {spec.name!r} is trained for x{spec.scale}, not x{settings.scale}")
         self.scale = spec.scale if spec.task == "sr" else 1
-        if settings.overlap < 0 or settings.batch_size < 1:
+        self.batch_size = settings.batch_size or (8 if self.device.type == "cuda" else 1)
+        if settings.overlap < 0 or self.batch_size < 1:
             raise EngineError("overlap must be >= 0 and batch size >= 1")
         self.model = spec.module.to(self.device).eval()
         if self.device.type == "cuda":
@@ -176,13 +177,13 @@ class Restorer:
         self._forward(torch.zeros(1, self.spec.in_channels, probe, probe, device=self.device))
         per_pixel = max(torch.cuda.max_memory_allocated(self.device) - base, 1) / probe ** 2
         free, _ = torch.cuda.mem_get_info(self.device)
-        side = int(math.sqrt(0.5 * free / (per_pixel * self.settings.batch_size)))
+        side = int(math.sqrt(0.5 * free / (per_pixel * self.batch_size)))
         return max(MIN_TILE, min(side - side % 64, 2048))
 
     def describe(self) -> dict[str, Any]:
         return {"model": self.spec.name, "model_sha256": self.spec.sha256, "task": self.spec.task,
                 "scale": self.scale, "device": str(self.device), "precision": str(self.dtype).split(".")[-1],
-                "tile": self._tile, "overlap": self.settings.overlap, "batch_size": self.settings.batch_size}
+                "tile": self._tile, "overlap": self.settings.overlap, "batch_size": self.batch_size}
 
     # -- model calls -----------------------------------------------------------------------
     def _autocast(self) -> contextlib.AbstractContextManager:
@@ -253,7 +254,7 @@ class Restorer:
         On CUDA out-of-memory everything is redone with a smaller batch, then smaller
         tiles; nothing of the failed attempt reaches the outputs.
         """
-        batch_size = self.settings.batch_size
+        batch_size = self.batch_size
         while True:
             try:
                 outputs = self._restore_tiled(jobs, self.tile, batch_size)

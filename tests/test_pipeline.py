@@ -214,3 +214,42 @@ def test_two_node_cluster_runs_replicas_on_both_and_workers_get_s3_config(bucket
     ok = [r for r in manifest_rows(dst) if r["status"] == "ok"]
     assert len(ok) == len(good)
     assert len({r["node"] for r in ok}) == 2, "replicas did not run on both nodes"
+
+
+def test_fail_fast_stops_at_first_failure(tmp_path, small_model):
+    src = tmp_path / "in"
+    src.mkdir()
+    (src / "a_broken.png").write_bytes(b"")
+    for key, data in list(photo_files(3).items()):
+        (src / key).parent.mkdir(parents=True, exist_ok=True)
+        (src / key).write_bytes(data)
+    result = CliRunner().invoke(main, ["restore", str(src), str(tmp_path / "out"), "--model", small_model,
+                                       "--executor", "inline", "--fail-fast", "--quiet"])
+    assert result.exit_code == 1
+    assert "--fail-fast" in result.output
+    rows = manifest_rows(str(tmp_path / "out"))
+    assert [r["key"] for r in rows] == ["a_broken.png"] and rows[0]["status"] == "failed"
+
+
+def test_transient_storage_errors_are_retried(monkeypatch):
+    from pipeline import storage
+
+    monkeypatch.setattr(storage.time, "sleep", lambda s: None)
+    calls = []
+
+    def flaky():
+        calls.append(1)
+        if len(calls) < 3:
+            raise ConnectionError("connection reset by peer")
+        return b"data"
+
+    assert storage.with_retries(flaky, "read x") == b"data" and len(calls) == 3
+    missing = []
+
+    def not_found():
+        missing.append(1)
+        raise FileNotFoundError("gone")
+
+    with pytest.raises(FileNotFoundError):
+        storage.with_retries(not_found, "read y")
+    assert len(missing) == 1, "a missing object is not a transient error"

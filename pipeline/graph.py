@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import os
+import warnings
 from dataclasses import dataclass
 from typing import Any, Callable, Iterator
 
@@ -40,14 +41,18 @@ def connect(options: ClusterOptions) -> None:
     """Join the cluster, or start an embedded runtime; forward storage credentials to workers."""
     if ray.is_initialized():
         return
+    # Keep Ray's own chatter out of the job's output (the job reports per image itself).
+    warnings.filterwarnings("ignore", module=r"ray(\.|$)")
     address = options.address or os.environ.get("RAY_ADDRESS")
     runtime_env = {"env_vars": forwarded_env()}
-    common: dict[str, Any] = {"runtime_env": runtime_env, "logging_level": logging.WARNING,
+    common: dict[str, Any] = {"runtime_env": runtime_env, "logging_level": logging.ERROR,
                               "log_to_driver": False}
     if address:
         ray.init(address=address, **common)
     else:
         ray.init(address="local", num_cpus=options.num_cpus, include_dashboard=False, **common)
+    for name in ("ray", "ray.data", "ray.train"):
+        logging.getLogger(name).setLevel(logging.ERROR)
 
 
 class RestoreReplica:

@@ -2,7 +2,9 @@
 
 The loop decodes, restores (torch using every core) and encodes one image after
 another. The pipeline runs the same stages as a Ray Data graph on an embedded local
-runtime (started before timing; its start-up time is printed separately).
+runtime (started before timing; its start-up time is printed separately). The
+end-to-end ratio includes the replicas' start-up; the steady ratio compares the rates
+between each run's first and last finished image (from the manifests).
 
     python -m benchmarks.pipeline_throughput [--images 24] [--size 256] [--model NAME_OR_PATH]
 """
@@ -34,6 +36,15 @@ def make_inputs(folder: Path, count: int, size: int) -> None:
         crop = img[y:y + size, x:x + size].astype(np.float32)
         noisy = np.clip(crop + rng.normal(0, 25, crop.shape), 0, 255).astype(np.uint8)
         Image.fromarray(noisy).save(folder / f"img{i:03d}.png")
+
+
+def steady_rate(output: Path) -> float:
+    """Images/s between the first and the last finished image (start-up excluded), from the manifest."""
+    from pipeline.manifest import read_manifest
+    from pipeline.storage import Storage
+
+    finished = sorted(r["finished_at"] for r in read_manifest(Storage(str(output))).to_pylist())
+    return round((len(finished) - 1) / (finished[-1] - finished[0]), 3)
 
 
 def default_model() -> str:
@@ -83,12 +94,15 @@ def main() -> dict:
         start = time.perf_counter()
         ray_result = execute(plan, spec, executor="ray", quiet=True)
         ray_seconds = time.perf_counter() - start
+        steady = {name: steady_rate(Path(tmp) / name) for name in ("loop", "ray")}
     assert loop.ok == ray_result.ok == args.images
     report = {"images": args.images, "size": args.size, "model": model, "cpus": cpus,
               "loop_images_per_s": round(args.images / loop_seconds, 3),
               "pipeline_images_per_s": round(args.images / ray_seconds, 3),
               "ratio_pipeline_over_loop": round(loop_seconds / ray_seconds, 3),
-              "ray_startup_s": round(startup, 1)}
+              "ray_startup_s": round(startup, 1),
+              "steady_loop_images_per_s": steady["loop"], "steady_pipeline_images_per_s": steady["ray"],
+              "steady_ratio": round(steady["ray"] / steady["loop"], 3)}
     return emit(report, args.json)
 
 

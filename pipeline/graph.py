@@ -10,7 +10,7 @@ from __future__ import annotations
 import logging
 import os
 import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, Callable, Iterator
 
 import ray
@@ -63,7 +63,7 @@ class RestoreReplica:
 
         torch.set_num_threads(max(threads, 1))
         self.node = ray.get_runtime_context().get_node_id()
-        settings = spec.settings if device is None else _with_device(spec.settings, device)
+        settings = spec.settings if device is None else replace(spec.settings, device=device)
         self.restorer = Restorer(resolve_model(spec.model, spec.task, spec.scale,
                                                spec.source.options), settings)
 
@@ -72,12 +72,6 @@ class RestoreReplica:
         for row in rows:
             row["node"] = self.node
         return stages.pack(rows)
-
-
-def _with_device(settings: Any, device: str) -> Any:
-    from dataclasses import replace
-
-    return replace(settings, device=device)
 
 
 def _per_row(fn: Callable[[Row], Row]) -> Callable[[dict[str, Any]], dict[str, Any]]:

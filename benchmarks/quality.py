@@ -27,7 +27,7 @@ import torch
 import models
 from models.cards import WEIGHTS_DIR
 from pipeline.data import skimage_photo
-from pipeline.degrade import bicubic_sr, gaussian, low_light
+from pipeline.degrade import gaussian, low_light
 from pipeline.engine import ModelSpec, PageJob, Restorer, resize_bicubic
 from pipeline.metrics import score
 

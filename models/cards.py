@@ -17,7 +17,7 @@ from typing import Any, Literal, get_args
 from torch import nn
 
 from .archs import build, canonical_arch
-from .checkpoints import CheckpointError, load_weights, read_bytes, read_checkpoint, sha256_hex
+from .checkpoints import CheckpointError, load_weights, read_checkpoint
 
 Task = Literal["denoise", "enhance", "sr", "deblur"]
 TASKS: tuple[str, ...] = get_args(Task)
@@ -77,14 +77,13 @@ class ModelCard:
         if not self.has_weights:
             raise NoWeightsError(f"model {self.name!r} ({self.task}) has no trained weights available")
         uri = self.weights_uri
-        data = read_bytes(uri)
-        if self.sha256 and sha256_hex(data) != self.sha256:
-            raise CheckpointError(uri, f"sha256 {sha256_hex(data)} does not match card {self.name!r} ({self.sha256})")
-        ckpt = read_checkpoint(uri, data=data)
+        ckpt = read_checkpoint(uri)
+        if self.sha256 and ckpt.sha256 != self.sha256:
+            raise CheckpointError(uri, f"sha256 {ckpt.sha256} does not match card {self.name!r} ({self.sha256})")
         model = self.build()
         load_weights(model, ckpt.state_dict, uri, self.arch, self.config)
-        model.checkpoint = {"arch": self.arch, "config": self.config, "card": self.name, "sha256": sha256_hex(data),
-                            **ckpt.metadata}
+        model.checkpoint = {"arch": self.arch, "config": self.config, "card": self.name, **ckpt.metadata,
+                            "sha256": ckpt.sha256}
         return model.eval()
 
     def to_json(self) -> dict[str, Any]:

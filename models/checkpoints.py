@@ -52,6 +52,7 @@ class Checkpoint:
     arch: str | None = None
     config: dict[str, Any] = field(default_factory=dict)
     metadata: dict[str, Any] = field(default_factory=dict)
+    sha256: str | None = None  # of the file's bytes
 
 
 def read_bytes(path: str, storage_options: Mapping[str, Any] | None = None) -> bytes:
@@ -123,10 +124,13 @@ def read_checkpoint(path: str, storage_options: Mapping[str, Any] | None = None,
     if not data:
         raise CheckpointError(path, "empty file")
     if _looks_like_safetensors(data):
-        return _parse_safetensors(path, data)
-    if data[:2] == b"PK" or data[:1] == b"\x80":  # torch zip archive or legacy pickle
-        return _parse_torch(path, data)
-    raise CheckpointError(path, "not a checkpoint: neither a safetensors file nor a torch checkpoint")
+        ckpt = _parse_safetensors(path, data)
+    elif data[:2] == b"PK" or data[:1] == b"\x80":  # torch zip archive or legacy pickle
+        ckpt = _parse_torch(path, data)
+    else:
+        raise CheckpointError(path, "not a checkpoint: neither a safetensors file nor a torch checkpoint")
+    ckpt.sha256 = sha256_hex(data)
+    return ckpt
 
 
 def _fill_shared_aliases(model: nn.Module, tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -209,8 +213,9 @@ def load(path_or_url: str, arch: str | None = None, *, storage_options: Mapping[
 
 
 def ckpt_info(ckpt: Checkpoint, arch: str, config: Mapping[str, Any]) -> dict[str, Any]:
-    """What the loaded model remembers of its file (arch, config, task, metadata)."""
-    return {"arch": arch, "config": dict(config), "source_format": ckpt.source_format, **ckpt.metadata}
+    """What the loaded model remembers of its file (arch, config, task, metadata, sha256)."""
+    return {"arch": arch, "config": dict(config), "source_format": ckpt.source_format, **ckpt.metadata,
+            "sha256": ckpt.sha256}
 
 
 def unique_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:

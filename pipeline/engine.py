@@ -101,7 +101,7 @@ def resolve_model(model: str | None, task: str | None, scale: int | None = None,
         spec = ModelSpec(module, info.get("name") or model.rsplit("/", 1)[-1], model_task,
                          int(info.get("scale") or scale or 1), int(getattr(module, "size_multiple", 4)),
                          bool(info.get("bf16_safe", True)), bool(info.get("fp16_safe", False)),
-                         models.checkpoints.sha256_hex(models.checkpoints.read_bytes(model, storage_options)))
+                         info["sha256"])
     if task is not None and spec.task != task:
         raise EngineError(f"model {spec.name!r} restores {spec.task!r}, not {task!r}")
     if scale is not None and spec.task == "sr" and spec.scale != scale:

@@ -22,7 +22,6 @@ import math
 import os
 import platform
 import time
-from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -257,7 +256,7 @@ def train_loop_per_worker(cfg: dict[str, Any]) -> None:
     torch.manual_seed(seed)
     model = models.build(cfg["model"]["arch"], **cfg["model"]["config"])
     o = cfg["optim"]
-    if o.get("zero_init_last", True):  # start as the identity map: never below the input's quality
+    if o["zero_init_last"]:  # start as the identity map: never below the input's quality
         torch.nn.init.zeros_(model.conv_out.weight)
     optimizer = torch.optim.Adam(model.parameters(), lr=o["lr"], betas=tuple(o["betas"]))
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_at(s, cfg) / o["lr"])

@@ -8,7 +8,6 @@ from click.testing import CliRunner
 from PIL import Image
 
 import models
-from pipeline import codecs
 from pipeline.cli import main
 from pipeline.engine import EngineError, EngineSettings, ModelSpec, PageJob, Restorer, resolve_model
 from pipeline.tiling import TileGrid, axis_starts

@@ -1,7 +1,6 @@
 """Architectures and checkpoint I/O against the official layouts."""
 from __future__ import annotations
 
-import io
 import json
 import os
 import subprocess

@@ -11,7 +11,6 @@ import time
 from pathlib import Path
 
 import numpy as np
-import pyarrow.parquet as pq
 import pytest
 import s3fs
 from click.testing import CliRunner
@@ -19,7 +18,7 @@ from PIL import Image
 
 from pipeline import codecs
 from pipeline.cli import main
-from pipeline.manifest import latest_rows, read_manifest
+from pipeline.manifest import read_manifest
 from pipeline.storage import Storage, safe_relative_key
 
 from .conftest import photo

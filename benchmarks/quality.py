@@ -8,6 +8,7 @@ Validation photos (never used for training): scikit-image's chelsea, camera and 
   against plain bicubic; PSNR/SSIM on RGB and Y with `scale` border pixels cropped.
 - enhance: synthetic low light (exposure 0.2, gamma 1.25, peak 300, read noise 2).
 
+Every shipped card (models/weights/) is measured; baselines run once per setting.
 Writes a Markdown table and JSON, and (with --update-cards) the measured figures into
 each shipped card's `metrics`.
 
@@ -81,61 +82,87 @@ def mean_scores(rows: list[dict[str, Any]]) -> dict[str, float]:
     return {k: round(float(np.mean([r[k] for r in rows])), 4) for k in rows[0] if k != "image"}
 
 
-def evaluate_denoise(card: models.ModelCard) -> dict[str, Any]:
-    model = restore_with(card)
-    results: dict[str, Any] = {}
+Method = Callable[[np.ndarray, np.ndarray], np.ndarray]  # (degraded input, clean) -> output
+Section = dict[str, dict[str, float]]  # method label -> mean scores
+
+
+def measure(methods: dict[str, Method], pairs: list[tuple[str, np.ndarray, np.ndarray]], crop: int = 0) -> Section:
+    """Run every method on every (name, clean, degraded) pair; mean scores and seconds per image."""
+    rows: dict[str, list[dict[str, Any]]] = {label: [] for label in methods}
+    for name, clean, degraded in pairs:
+        for label, method in methods.items():
+            out, seconds = timed(lambda: method(degraded, clean))
+            rows[label].append({"image": name, **score(out, clean, crop).as_dict(), "seconds": seconds})
+    return {label: mean_scores(r) for label, r in rows.items()}
+
+
+def model_methods(cards: list[models.ModelCard]) -> dict[str, Method]:
+    restorers = {card.name: restore_with(card) for card in cards}
+    return {name: (lambda degraded, clean, run=run: run(degraded)) for name, run in restorers.items()}
+
+
+def clean_photos() -> list[tuple[str, np.ndarray]]:
+    return [(name, skimage_photo(name).astype(np.float32) / 255) for name in VALIDATION]
+
+
+def evaluate_denoise(cards: list[models.ModelCard]) -> dict[str, Section]:
+    results = {}
     for sigma in SIGMAS:
-        methods: dict[str, list[dict[str, Any]]] = {"model": [], "cbm3d": [], "nl_means": [], "input": []}
-        for i, name in enumerate(VALIDATION):
-            clean = skimage_photo(name).astype(np.float32) / 255
-            noisy = quantise(gaussian(clean, np.random.default_rng(100 + i), sigma))
-            for method, fn in (("model", lambda: model(noisy)), ("cbm3d", lambda: cbm3d(noisy, sigma)),
-                               ("nl_means", lambda: nl_means(noisy, sigma)), ("input", lambda: noisy)):
-                out, seconds = timed(fn)
-                methods[method].append({"image": name, **score(out, clean).as_dict(), "seconds": seconds})
-        results[f"sigma{sigma}"] = {m: mean_scores(rows) for m, rows in methods.items()}
+        pairs = [(name, clean, quantise(gaussian(clean, np.random.default_rng(100 + i), sigma)))
+                 for i, (name, clean) in enumerate(clean_photos())]
+        methods = {**model_methods(cards), "cbm3d": lambda noisy, clean: cbm3d(noisy, sigma),
+                   "nl_means": lambda noisy, clean: nl_means(noisy, sigma), "input": lambda noisy, clean: noisy}
+        results[f"denoise sigma{sigma}"] = measure(methods, pairs)
     return results
 
 
-def evaluate_sr(card: models.ModelCard) -> dict[str, Any]:
-    model = restore_with(card)
-    s = card.scale
-    methods: dict[str, list[dict[str, Any]]] = {"model": [], "bicubic": []}
-    for name in VALIDATION:
-        clean = skimage_photo(name).astype(np.float32) / 255
-        h, w = clean.shape[0] // s * s, clean.shape[1] // s * s
-        clean = clean[:h, :w]
-        low = quantise(resize_bicubic(clean, h // s, w // s))
-        bicubic, seconds_b = timed(lambda: quantise(resize_bicubic(low, h, w)))
-        out, seconds = timed(lambda: model(bicubic))
-        methods["model"].append({"image": name, **score(out, clean, s).as_dict(), "seconds": seconds + seconds_b})
-        methods["bicubic"].append({"image": name, **score(bicubic, clean, s).as_dict(), "seconds": seconds_b})
-    return {f"x{s}": {m: mean_scores(rows) for m, rows in methods.items()}}
+def evaluate_sr(cards: list[models.ModelCard]) -> dict[str, Section]:
+    """Models get the bicubic upsampling as input, so their time includes the bicubic step."""
+    results = {}
+    for s in sorted({card.scale for card in cards}):
+        pairs = []
+        for name, clean in clean_photos():
+            h, w = clean.shape[0] // s * s, clean.shape[1] // s * s
+            low = quantise(resize_bicubic(clean[:h, :w], h // s, w // s))
+            pairs.append((name, clean[:h, :w], low))
+        upsample = lambda low, clean: quantise(resize_bicubic(low, *clean.shape[:2]))  # noqa: E731
+        methods = {name: (lambda low, clean, run=run: run(upsample(low, clean), clean))
+                   for name, run in model_methods([c for c in cards if c.scale == s]).items()}
+        results[f"sr x{s}"] = measure({**methods, "bicubic": upsample}, pairs, crop=s)
+    return results
 
 
-def evaluate_enhance(card: models.ModelCard) -> dict[str, Any]:
-    model = restore_with(card)
-    methods: dict[str, list[dict[str, Any]]] = {"model": [], "input": []}
-    for i, name in enumerate(VALIDATION):
-        clean = skimage_photo(name).astype(np.float32) / 255
-        dark = quantise(low_light(clean, np.random.default_rng(200 + i), 0.2, 1.25, 300, 2))
-        out, seconds = timed(lambda: model(dark))
-        methods["model"].append({"image": name, **score(out, clean).as_dict(), "seconds": seconds})
-        methods["input"].append({"image": name, **score(dark, clean).as_dict(), "seconds": 0.0})
-    return {"low_light": {m: mean_scores(rows) for m, rows in methods.items()}}
+def evaluate_enhance(cards: list[models.ModelCard]) -> dict[str, Section]:
+    pairs = [(name, clean, quantise(low_light(clean, np.random.default_rng(200 + i), 0.2, 1.25, 300, 2)))
+             for i, (name, clean) in enumerate(clean_photos())]
+    return {"enhance low_light": measure({**model_methods(cards), "input": lambda dark, clean: dark}, pairs)}
 
 
-def markdown(results: dict[str, dict[str, Any]]) -> str:
+EVALUATORS: dict[str, Callable[[list[models.ModelCard]], dict[str, Section]]] = {
+    "denoise": evaluate_denoise, "sr": evaluate_sr, "enhance": evaluate_enhance}
+
+
+def markdown(results: dict[str, Section]) -> str:
     lines = []
-    for card_name, sections in results.items():
-        for section, methods in sections.items():
-            lines.append(f"\n**{card_name}**, {section} (mean of {', '.join(VALIDATION)})\n")
-            lines.append("| method | PSNR (dB) | SSIM | PSNR-Y (dB) | seconds / image |")
-            lines.append("|---|---:|---:|---:|---:|")
-            for method, m in methods.items():
-                label = card_name if method == "model" else method
-                lines.append(f"| {label} | {m['psnr']:.2f} | {m['ssim']:.4f} | {m['psnr_y']:.2f} | {m['seconds']:.2f} |")
+    for section, methods in results.items():
+        lines.append(f"\n**{section}** (mean of {', '.join(VALIDATION)})\n")
+        lines.append("| method | PSNR (dB) | SSIM | PSNR-Y (dB) | seconds / image |")
+        lines.append("|---|---:|---:|---:|---:|")
+        for label, m in methods.items():
+            lines.append(f"| {label} | {m['psnr']:.2f} | {m['ssim']:.4f} | {m['psnr_y']:.2f} | {m['seconds']:.2f} |")
     return "\n".join(lines) + "\n"
+
+
+def update_card(card: models.ModelCard, results: dict[str, Section]) -> None:
+    """Store this card's rows (as ``model``) and the baselines of its sections in its card file."""
+    others = {c.name for c in models.shipped_cards()}
+    benchmark = {section: {"model": methods[card.name],
+                           **{label: m for label, m in methods.items() if label not in others}}
+                 for section, methods in results.items() if card.name in methods}
+    path = WEIGHTS_DIR / f"{card.name}.json"
+    data = json.loads(path.read_text())
+    data["metrics"] = {**data.get("metrics", {}), "benchmark": benchmark, "benchmark_photos": list(VALIDATION)}
+    path.write_text(json.dumps(data, indent=1) + "\n")
 
 
 def main() -> None:
@@ -146,18 +173,16 @@ def main() -> None:
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
-    evaluators = {"denoise": evaluate_denoise, "sr": evaluate_sr, "enhance": evaluate_enhance}
-    results = {}
-    for card in models.list_cards():
-        if card.default and card.has_weights and card.task in evaluators:
-            results[card.name] = evaluators[card.task](card)
-            print(card.name, json.dumps(results[card.name]))
-            if args.update_cards:
-                path = WEIGHTS_DIR / f"{card.name}.json"
-                data = json.loads(path.read_text())
-                data["metrics"] = {**data.get("metrics", {}), "benchmark": results[card.name],
-                                   "benchmark_photos": list(VALIDATION)}
-                path.write_text(json.dumps(data, indent=1) + "\n")
+    shipped = models.shipped_cards()
+    results: dict[str, Section] = {}
+    for task, evaluate in EVALUATORS.items():
+        cards = [c for c in shipped if c.task == task]
+        if cards:
+            results.update(evaluate(cards))
+            print(task, "done", flush=True)
+    if args.update_cards:
+        for card in shipped:
+            update_card(card, results)
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "quality.json").write_text(json.dumps(results, indent=1))
     (args.out / "quality.md").write_text(markdown(results))

@@ -17,7 +17,7 @@ from typing import Any, Literal, get_args
 from torch import nn
 
 from .archs import build, canonical_arch
-from .checkpoints import CheckpointError, load_weights, read_checkpoint
+from .checkpoints import CheckpointError, ckpt_info, load_weights, read_checkpoint
 
 Task = Literal["denoise", "enhance", "sr", "deblur"]
 TASKS: tuple[str, ...] = get_args(Task)
@@ -82,8 +82,7 @@ class ModelCard:
             raise CheckpointError(uri, f"sha256 {ckpt.sha256} does not match card {self.name!r} ({self.sha256})")
         model = self.build()
         load_weights(model, ckpt.state_dict, uri, self.arch, self.config)
-        model.checkpoint = {"arch": self.arch, "config": self.config, "card": self.name, **ckpt.metadata,
-                            "sha256": ckpt.sha256}
+        model.checkpoint = {**ckpt_info(ckpt, self.arch, self.config), "card": self.name}
         return model.eval()
 
     def to_json(self) -> dict[str, Any]:
@@ -119,6 +118,11 @@ def get(name: str) -> ModelCard:
 
 def list_cards() -> list[ModelCard]:
     return sorted(_REGISTRY.values(), key=lambda c: (c.task, c.scale, c.name))
+
+
+def shipped_cards() -> list[ModelCard]:
+    """Cards whose weights ship in the repository (``models/weights/``)."""
+    return [c for c in list_cards() if c.source_dir and Path(c.source_dir) == WEIGHTS_DIR and c.has_weights]
 
 
 def default_for(task: str, scale: int = 1) -> ModelCard:

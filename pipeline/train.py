@@ -5,6 +5,7 @@ a linear warm-up then cosine annealing to 1e-6, 128x128 patches, batch 16. One
 addition: the output convolution starts at zero (``optim.zero_init_last``), so the
 network starts as the identity map of its global skip and validation never starts
 below the degraded input; set it to false for the papers' initialisation.
+``model.init`` (a card name or a checkpoint path/URL) fine-tunes existing weights instead.
 
 Checkpoints (model, optimizer, scheduler, step, config, metric history) are written
 every ``checkpoint.every`` steps under ``CHECKPOINT_DIR/RUN_NAME/checkpoints/`` on any
@@ -40,7 +41,7 @@ DEFAULTS: dict[str, Any] = {
     "name": None,
     "task": "denoise",
     "scale": 1,
-    "model": {"arch": "mirnet_v2", "config": {}},
+    "model": {"arch": "mirnet_v2", "config": {}, "init": None},  # init: card name or checkpoint to fine-tune
     "data": {
         "train": {"clean": None, "degraded": None},
         "val": {"clean": None, "degraded": None},
@@ -104,6 +105,8 @@ def _absolute(url: str | None) -> str | None:
 def absolutise_paths(cfg: dict[str, Any]) -> dict[str, Any]:
     cfg = copy.deepcopy(cfg)
     cfg["checkpoint"]["dir"] = _absolute(cfg["checkpoint"]["dir"])
+    if cfg["model"]["init"] not in {c.name for c in models.list_cards()}:
+        cfg["model"]["init"] = _absolute(cfg["model"]["init"])
     for split in ("train", "val"):
         for kind in ("clean", "degraded"):
             cfg["data"][split][kind] = _absolute(cfg["data"][split][kind])
@@ -243,6 +246,30 @@ def load_validation(cfg: dict[str, Any]) -> list[tuple[str, np.ndarray, np.ndarr
                                        cfg["train"]["seed"] + 1000)
 
 
+def initial_weights(cfg: dict[str, Any]) -> tuple[str, models.checkpoints.Checkpoint]:
+    """Read the checkpoint named by ``model.init`` (a card name or a path/URL)."""
+    source = cfg["model"]["init"]
+    if source in {c.name for c in models.list_cards()}:
+        uri = models.get(source).weights_uri
+        if uri is None:
+            raise ValueError(f"model.init: card {source!r} has no weights")
+    else:
+        uri = source
+    return uri, models.read_checkpoint(uri, cfg["data"]["storage_options"])
+
+
+def init_model(cfg: dict[str, Any]) -> tuple[torch.nn.Module, str | None]:
+    """The freshly built model, with ``model.init`` weights loaded strictly; and their sha256."""
+    model = models.build(cfg["model"]["arch"], **cfg["model"]["config"])
+    if not cfg["model"].get("init"):
+        if cfg["optim"]["zero_init_last"]:  # start as the identity map: never below the input's quality
+            torch.nn.init.zeros_(model.conv_out.weight)
+        return model, None
+    uri, ckpt = initial_weights(cfg)
+    models.checkpoints.load_weights(model, ckpt.state_dict, uri, cfg["model"]["arch"], cfg["model"]["config"])
+    return model, ckpt.sha256
+
+
 def train_loop_per_worker(cfg: dict[str, Any]) -> None:
     """The per-worker training loop (runs inside Ray Train)."""
     import ray.train
@@ -254,10 +281,8 @@ def train_loop_per_worker(cfg: dict[str, Any]) -> None:
     seed, total = cfg["train"]["seed"], cfg["train"]["steps"]
     stop_at = min(cfg.get("_stop_after") or total, total)
     torch.manual_seed(seed)
-    model = models.build(cfg["model"]["arch"], **cfg["model"]["config"])
+    model, _ = init_model(cfg)
     o = cfg["optim"]
-    if o["zero_init_last"]:  # start as the identity map: never below the input's quality
-        torch.nn.init.zeros_(model.conv_out.weight)
     optimizer = torch.optim.Adam(model.parameters(), lr=o["lr"], betas=tuple(o["betas"]))
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_at(s, cfg) / o["lr"])
     store = RunStore(cfg)
@@ -330,6 +355,8 @@ def export(model: torch.nn.Module, cfg: dict[str, Any], history: list[dict[str, 
               "optim": cfg["optim"], "data": {k: cfg["data"][k] for k in ("train", "val", "degradation", "mixup")},
               "seed": cfg["train"]["seed"], "workers": cfg["scaling"]["num_workers"], "hardware": hardware(),
               "wall_seconds": round(wall_seconds, 1)}
+    if cfg["model"].get("init"):
+        recipe["init"] = {"weights": cfg["model"]["init"], "sha256": cfg["_init_sha256"]}
     metadata = {"name": cfg["name"], "task": cfg["task"], "scale": cfg["scale"], "recipe": recipe,
                 "validation": {k: v for k, v in last_val.items() if k.startswith("val_")}}
     data = models.checkpoints.to_bytes(model, cfg["model"]["arch"], cfg["model"]["config"], **metadata)
@@ -359,8 +386,9 @@ def run_training(cfg: dict[str, Any], *, resume: bool = False, restart: bool = F
     if restart:
         for key in existing:
             store.storage.fs.rm(store.storage.path(key))
+    _, init_sha256 = init_model(cfg)  # a bad model.init fails here, before any worker starts
     connect(ClusterOptions(address=address))
-    cfg = dict(cfg, _stop_after=stop_after)
+    cfg = dict(cfg, _stop_after=stop_after, _init_sha256=init_sha256)
     d = cfg["data"]
     dataset = train_data.build_dataset(d["train"]["clean"], d["train"]["degraded"], d["storage_options"])
     s = cfg["scaling"]

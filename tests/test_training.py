@@ -5,6 +5,7 @@ import json
 
 import numpy as np
 import pytest
+import torch
 import s3fs
 from click.testing import CliRunner
 from PIL import Image
@@ -126,3 +127,32 @@ def test_config_errors_are_specific():
                      "optim": {"learning_rate": 1}})
     with pytest.raises(ValueError, match="needs data.degradation"):
         load_config({"name": "x", "data": {"train": {"clean": "a"}}})
+
+
+def test_fine_tune_starts_from_the_init_weights(ray_runtime, tmp_path):
+    import models
+    from models.checkpoints import CheckpointError
+
+    card = models.get("mirnet-v2-denoise-s")
+    for name in ("astronaut", "rocket"):
+        Image.fromarray(photo(name)).save(tmp_path / f"{name}.png")
+    raw = {
+        "name": "fine-tune", "task": "denoise",
+        "model": {"arch": card.arch, "config": card.config, "init": card.name},
+        "data": {"train": {"clean": str(tmp_path)}, "degradation": {"kind": "gaussian", "sigma": [10, 30]},
+                 "patch": 48},
+        "optim": {"lr": 1e-12, "min_lr": 1e-12, "warmup_steps": 1},
+        "train": {"steps": 3, "batch_size": 2, "log_every": 1},
+        "checkpoint": {"dir": str(tmp_path / "runs"), "every": 3},
+        "validate": {"every": 1000},
+    }
+    run_training(load_config(raw))
+    exported = models.load(str(tmp_path / "runs" / "fine-tune" / "model.safetensors"))
+    assert exported.checkpoint["recipe"]["init"] == {"weights": card.name, "sha256": card.sha256}
+    original = card.load().state_dict()
+    for key, value in exported.state_dict().items():  # a learning rate of 1e-12 leaves the init weights
+        assert torch.allclose(value, original[key], atol=1e-6), key
+
+    wrong = dict(raw, name="fine-tune-wrong", model={"arch": card.arch, "config": {**card.config, "n_feat": 24}, "init": card.name})
+    with pytest.raises(CheckpointError, match="do not fit"):
+        run_training(load_config(wrong))

@@ -47,15 +47,6 @@ def steady_rate(output: Path) -> float:
     return round((len(finished) - 1) / (finished[-1] - finished[0]), 3)
 
 
-def default_model() -> str:
-    import models
-
-    for card in models.list_cards():
-        if card.task == "denoise" and card.default and card.has_weights:
-            return card.name
-    raise SystemExit("no shipped denoising model; pass --model")
-
-
 def main() -> dict:
     parser = argparse.ArgumentParser()
     parser.add_argument("--images", type=int, default=24)
@@ -63,7 +54,9 @@ def main() -> dict:
     parser.add_argument("--model")
     parser.add_argument("--json")
     args = parser.parse_args()
-    model = args.model or default_model()
+    import models
+
+    model = args.model or models.default_for("denoise").name
     cpus = os.cpu_count() or 1
 
     from pipeline.engine import EngineSettings, Restorer, resolve_model

@@ -96,9 +96,11 @@ def measure(methods: dict[str, Method], pairs: list[tuple[str, np.ndarray, np.nd
     return {label: mean_scores(r) for label, r in rows.items()}
 
 
-def model_methods(cards: list[models.ModelCard]) -> dict[str, Method]:
-    restorers = {card.name: restore_with(card) for card in cards}
-    return {name: (lambda degraded, clean, run=run: run(degraded)) for name, run in restorers.items()}
+def model_methods(cards: list[models.ModelCard], prepare: Method = lambda degraded, clean: degraded
+                  ) -> dict[str, Method]:
+    """Each card's model as a method; ``prepare`` makes its input from the degraded image."""
+    return {card.name: (lambda degraded, clean, run=restore_with(card): run(prepare(degraded, clean)))
+            for card in cards}
 
 
 def clean_photos() -> list[tuple[str, np.ndarray]]:
@@ -126,8 +128,7 @@ def evaluate_sr(cards: list[models.ModelCard]) -> dict[str, Section]:
             low = quantise(resize_bicubic(clean[:h, :w], h // s, w // s))
             pairs.append((name, clean[:h, :w], low))
         upsample = lambda low, clean: quantise(resize_bicubic(low, *clean.shape[:2]))  # noqa: E731
-        methods = {name: (lambda low, clean, run=run: run(upsample(low, clean), clean))
-                   for name, run in model_methods([c for c in cards if c.scale == s]).items()}
+        methods = model_methods([c for c in cards if c.scale == s], prepare=upsample)
         results[f"sr x{s}"] = measure({**methods, "bicubic": upsample}, pairs, crop=s)
     return results
 
@@ -153,11 +154,10 @@ def markdown(results: dict[str, Section]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def update_card(card: models.ModelCard, results: dict[str, Section]) -> None:
+def update_card(card: models.ModelCard, results: dict[str, Section], model_names: set[str]) -> None:
     """Store this card's rows (as ``model``) and the baselines of its sections in its card file."""
-    others = {c.name for c in models.shipped_cards()}
     benchmark = {section: {"model": methods[card.name],
-                           **{label: m for label, m in methods.items() if label not in others}}
+                           **{label: m for label, m in methods.items() if label not in model_names}}
                  for section, methods in results.items() if card.name in methods}
     path = WEIGHTS_DIR / f"{card.name}.json"
     data = json.loads(path.read_text())
@@ -182,7 +182,7 @@ def main() -> None:
             print(task, "done", flush=True)
     if args.update_cards:
         for card in shipped:
-            update_card(card, results)
+            update_card(card, results, {c.name for c in shipped})
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "quality.json").write_text(json.dumps(results, indent=1))
     (args.out / "quality.md").write_text(markdown(results))

@@ -116,6 +116,11 @@ def get(name: str) -> ModelCard:
         raise KeyError(f"no model card named {name!r}; known: {', '.join(sorted(_REGISTRY))}") from None
 
 
+def lookup(name: str | None) -> ModelCard | None:
+    """The card registered as ``name``, or None (e.g. for a checkpoint path)."""
+    return _REGISTRY.get(name) if name else None
+
+
 def list_cards() -> list[ModelCard]:
     return sorted(_REGISTRY.values(), key=lambda c: (c.task, c.scale, c.name))
 

@@ -90,8 +90,8 @@ def resolve_model(model: str | None, task: str | None, scale: int | None = None,
         if task is None:
             raise EngineError("give --task or --model")
         spec = spec_from_card(models.default_for(task, scale or 1))
-    elif model in {c.name for c in models.list_cards()}:
-        spec = spec_from_card(models.get(model))
+    elif (card := models.lookup(model)) is not None:
+        spec = spec_from_card(card)
     else:
         module = models.load(model, storage_options=storage_options)
         info = module.checkpoint

@@ -105,7 +105,7 @@ def _absolute(url: str | None) -> str | None:
 def absolutise_paths(cfg: dict[str, Any]) -> dict[str, Any]:
     cfg = copy.deepcopy(cfg)
     cfg["checkpoint"]["dir"] = _absolute(cfg["checkpoint"]["dir"])
-    if cfg["model"]["init"] not in {c.name for c in models.list_cards()}:
+    if models.lookup(cfg["model"]["init"]) is None:
         cfg["model"]["init"] = _absolute(cfg["model"]["init"])
     for split in ("train", "val"):
         for kind in ("clean", "degraded"):
@@ -249,19 +249,17 @@ def load_validation(cfg: dict[str, Any]) -> list[tuple[str, np.ndarray, np.ndarr
 def initial_weights(cfg: dict[str, Any]) -> tuple[str, models.checkpoints.Checkpoint]:
     """Read the checkpoint named by ``model.init`` (a card name or a path/URL)."""
     source = cfg["model"]["init"]
-    if source in {c.name for c in models.list_cards()}:
-        uri = models.get(source).weights_uri
-        if uri is None:
-            raise ValueError(f"model.init: card {source!r} has no weights")
-    else:
-        uri = source
+    card = models.lookup(source)
+    uri = source if card is None else card.weights_uri
+    if uri is None:
+        raise ValueError(f"model.init: card {source!r} has no weights")
     return uri, models.read_checkpoint(uri, cfg["data"]["storage_options"])
 
 
 def init_model(cfg: dict[str, Any]) -> tuple[torch.nn.Module, str | None]:
     """The freshly built model, with ``model.init`` weights loaded strictly; and their sha256."""
     model = models.build(cfg["model"]["arch"], **cfg["model"]["config"])
-    if not cfg["model"].get("init"):
+    if not cfg["model"]["init"]:
         if cfg["optim"]["zero_init_last"]:  # start as the identity map: never below the input's quality
             torch.nn.init.zeros_(model.conv_out.weight)
         return model, None
@@ -355,7 +353,7 @@ def export(model: torch.nn.Module, cfg: dict[str, Any], history: list[dict[str, 
               "optim": cfg["optim"], "data": {k: cfg["data"][k] for k in ("train", "val", "degradation", "mixup")},
               "seed": cfg["train"]["seed"], "workers": cfg["scaling"]["num_workers"], "hardware": hardware(),
               "wall_seconds": round(wall_seconds, 1)}
-    if cfg["model"].get("init"):
+    if cfg["model"]["init"]:
         recipe["init"] = {"weights": cfg["model"]["init"], "sha256": cfg["_init_sha256"]}
     metadata = {"name": cfg["name"], "task": cfg["task"], "scale": cfg["scale"], "recipe": recipe,
                 "validation": {k: v for k, v in last_val.items() if k.startswith("val_")}}

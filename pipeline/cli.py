@@ -146,8 +146,10 @@ def list_models(as_json: bool) -> None:
 @click.option("--num-workers", type=int, help="Override scaling.num_workers.")
 @click.option("--use-gpu/--no-gpu", default=None, help="Override scaling.use_gpu.")
 @click.option("--stop-after", type=int, help="Stop (with a checkpoint) after this many steps in total.")
+@click.option("--executor", type=click.Choice(["ray", "inline"]), default="ray", show_default=True,
+              help="ray: Ray Train workers (DDP); inline: one worker in this process, without Ray.")
 def train(config: str, resume: bool, restart: bool, address: str | None, num_workers: int | None,
-          use_gpu: bool | None, stop_after: int | None) -> None:
+          use_gpu: bool | None, stop_after: int | None, executor: str) -> None:
     """Train the experiment in CONFIG (YAML); reruns resume from the latest checkpoint."""
     from .train import load_config, run_training
 
@@ -160,7 +162,10 @@ def train(config: str, resume: bool, restart: bool, address: str | None, num_wor
             cfg["scaling"]["use_gpu"] = use_gpu
         if resume and restart:
             raise ValueError("--resume and --restart exclude each other")
-        result = run_training(cfg, resume=resume, restart=restart, address=address, stop_after=stop_after)
+        if executor == "inline" and address:
+            raise ValueError("--address needs --executor ray")
+        result = run_training(cfg, resume=resume, restart=restart, address=address, stop_after=stop_after,
+                              executor=executor)
     except USAGE_ERRORS as exc:
         _fail_usage(exc)
     last = next((r for r in reversed(result["history"]) if "val_psnr" in r), {})

@@ -80,13 +80,19 @@ def load_pair(clean_src: str, degraded_src: str | None, key: str, options: dict[
     return Pair(key, clean, degraded)
 
 
+def training_keys(clean_src: str, options: dict[str, Any] | None = None) -> list[str]:
+    """The training images' keys; an error if there are none."""
+    keys = list_keys(clean_src, options)
+    if not keys:
+        raise ValueError(f"no training images found under {clean_src}")
+    return keys
+
+
 def build_dataset(clean_src: str, degraded_src: str | None, options: dict[str, Any] | None = None):
     """A Ray Dataset of pickled :class:`Pair` rows, read on Ray workers through fsspec."""
     import ray.data
 
-    keys = list_keys(clean_src, options)
-    if not keys:
-        raise ValueError(f"no training images found under {clean_src}")
+    keys = training_keys(clean_src, options)
 
     def read(batch: dict[str, Any]) -> dict[str, Any]:
         column = np.empty(len(batch["key"]), dtype=object)
@@ -117,7 +123,8 @@ class PatchSampler:
             raise ValueError("no training pairs on this worker")
         if degradation is None and any(p.degraded is None for p in pairs):
             raise ValueError("unpaired training data needs a degradation")
-        self.pairs, self.patch, self.degradation = pairs, patch, degradation
+        # Sorted: a worker draws the same patches however its shard's rows arrived.
+        self.pairs, self.patch, self.degradation = sorted(pairs, key=lambda p: p.key), patch, degradation
         self.mixup, self.mixup_alpha = mixup, mixup_alpha
 
     def _crop(self, pair: Pair, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray | None]:

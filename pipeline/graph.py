@@ -13,9 +13,6 @@ import warnings
 from dataclasses import dataclass, replace
 from typing import Any, Callable, Iterator
 
-import ray
-import ray.data
-
 from . import stages
 from .engine import Restorer, resolve_model
 from .plan import WorkItem
@@ -39,6 +36,8 @@ class ClusterOptions:
 
 def connect(options: ClusterOptions) -> None:
     """Join the cluster, or start an embedded runtime; forward storage credentials to workers."""
+    import ray  # imported on use: the inline executors and training run without Ray installed
+
     if ray.is_initialized():
         return
     # Keep Ray's own chatter out of the job's output (the job reports per image itself).
@@ -59,6 +58,7 @@ class RestoreReplica:
     """One model replica: loads the model once, restores batches of decoded images."""
 
     def __init__(self, spec: JobSpec, threads: int, device: str | None) -> None:
+        import ray
         import torch
 
         torch.set_num_threads(max(threads, 1))
@@ -83,6 +83,8 @@ def _per_row(fn: Callable[[Row], Row]) -> Callable[[dict[str, Any]], dict[str, A
 
 def pool_shape(options: ClusterOptions) -> dict[str, Any]:
     """How many replicas, with which resources, from the cluster's resources."""
+    import ray
+
     resources = ray.cluster_resources()
     gpus = int(resources.get("GPU", 0))
     use_gpus = gpus if options.num_gpus is None else min(options.num_gpus, gpus)
@@ -100,6 +102,8 @@ def pool_shape(options: ClusterOptions) -> dict[str, Any]:
 
 def run_graph(spec: JobSpec, items: list[WorkItem], options: ClusterOptions) -> Iterator[Row]:
     """Run the job on Ray and yield each image's finished row as it completes."""
+    import ray.data
+
     connect(options)
     ctx = ray.data.DataContext.get_current()
     ctx.execution_options.preserve_order = False

@@ -1,4 +1,5 @@
-"""Training with the papers' recipe on Ray Train (DDP; gloo on the CPU, NCCL on GPUs).
+"""Training with the papers' recipe on Ray Train (DDP; gloo on the CPU, NCCL on GPUs),
+or inline: one worker in this process, on one GPU or the CPU, without Ray.
 
 Defaults follow MIRNet: Charbonnier loss (eps 1e-3), Adam (lr 2e-4, betas 0.9/0.999),
 a linear warm-up then cosine annealing to 1e-6, 128x128 patches, batch 16. One
@@ -15,6 +16,7 @@ same learning rate, same data stream: patches are drawn from an RNG seeded by
 """
 from __future__ import annotations
 
+import collections
 import copy
 import csv
 import io
@@ -22,8 +24,11 @@ import json
 import math
 import os
 import platform
+import sys
 import time
-from typing import Any
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from typing import Any, Callable
 
 import numpy as np
 import torch
@@ -37,6 +42,7 @@ from .degrade import Degradation
 from .metrics import score
 from .storage import Storage, safe_relative_key
 
+EXECUTORS = ("ray", "inline")
 DEFAULTS: dict[str, Any] = {
     "name": None,
     "task": "denoise",
@@ -87,6 +93,8 @@ def load_config(text_or_dict: str | dict[str, Any]) -> dict[str, Any]:
         raise ValueError("config needs data.train.clean")
     if cfg["data"]["degradation"] is None and not cfg["data"]["train"]["degraded"]:
         raise ValueError("config needs data.degradation for unpaired (clean-only) training data")
+    if cfg["train"]["steps"] < 1:
+        raise ValueError("train.steps must be at least 1")
     if cfg["train"]["batch_size"] % cfg["scaling"]["num_workers"]:
         raise ValueError("train.batch_size must be divisible by scaling.num_workers")
     if cfg["optim"]["warmup_steps"] is None:
@@ -268,14 +276,58 @@ def init_model(cfg: dict[str, Any]) -> tuple[torch.nn.Module, str | None]:
     return model, ckpt.sha256
 
 
-def train_loop_per_worker(cfg: dict[str, Any]) -> None:
-    """The per-worker training loop (runs inside Ray Train)."""
+@dataclass
+class WorkerContext:
+    """Where the training loop runs: a Ray Train worker, or this process (the inline executor)."""
+
+    rank: int
+    world: int
+    device: torch.device
+    pairs: list[train_data.Pair]
+    prepare_model: Callable[[torch.nn.Module], torch.nn.Module]  # to the device (and DDP across workers)
+    report: Callable[[dict[str, Any]], None]
+
+
+def ray_worker_context() -> WorkerContext:
+    """The context of a Ray Train worker: its rank, device and shard of the training images."""
     import ray.train
     import ray.train.torch
 
     ctx = ray.train.get_context()
-    rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    pairs = train_data.pairs_from_rows(list(ray.train.get_dataset_shard("train").iter_rows()))
+    return WorkerContext(ctx.get_world_rank(), ctx.get_world_size(), ray.train.torch.get_device(), pairs,
+                         ray.train.torch.prepare_model, ray.train.report)
+
+
+def inline_context(cfg: dict[str, Any]) -> WorkerContext:
+    """One worker in this process, without Ray: reads the training images itself."""
+    s, d = cfg["scaling"], cfg["data"]
+    if s["num_workers"] != 1:
+        raise ValueError(f"the inline executor trains one worker; scaling.num_workers is {s['num_workers']}")
+    if s["use_gpu"] and not torch.cuda.is_available():
+        raise ValueError("scaling.use_gpu is set, but torch sees no CUDA GPU on this machine")
+    device = torch.device("cuda" if s["use_gpu"] else "cpu")
+    pairs = [train_data.load_pair(d["train"]["clean"], d["train"]["degraded"], k, d["storage_options"])
+             for k in train_data.training_keys(d["train"]["clean"], d["storage_options"])]
+
+    def report(record: dict[str, Any]) -> None:
+        print(" ".join(f"{k} {v:.5g}" if isinstance(v, float) else f"{k} {v}" for k, v in record.items()),
+              file=sys.stderr, flush=True)
+
+    return WorkerContext(0, 1, device, pairs, lambda model: model.to(device), report)
+
+
+def train_loop_per_worker(cfg: dict[str, Any]) -> None:
+    """Ray Train's entry point on each worker."""
+    train_worker(cfg, ray_worker_context())
+
+
+def train_worker(cfg: dict[str, Any], ctx: WorkerContext) -> None:
+    """The training loop of one worker: resume, step, validate, checkpoint, export."""
+    rank, world, device = ctx.rank, ctx.world, ctx.device
     torch.set_num_threads(max(1, int(cfg["scaling"]["cpus_per_worker"])))
+    if device.type == "cuda":
+        torch.backends.cudnn.benchmark = True  # fixed patch size: pick the fastest convolution kernels once
     seed, total = cfg["train"]["seed"], cfg["train"]["steps"]
     stop_at = min(cfg.get("_stop_after") or total, total)
     torch.manual_seed(seed)
@@ -293,48 +345,53 @@ def train_loop_per_worker(cfg: dict[str, Any]) -> None:
         scheduler.load_state_dict(state["scheduler"])
         step, history = int(state["step"]), json.loads(state["history"])
         elapsed_before = float(state.get("wall_seconds", 0.0))
-    ddp_model = ray.train.torch.prepare_model(model)
-    device = ray.train.torch.get_device()
-    shard = ray.train.get_dataset_shard("train")
-    pairs = train_data.pairs_from_rows(list(shard.iter_rows()))
+    ddp_model = ctx.prepare_model(model)
     d = cfg["data"]
-    sampler = train_data.PatchSampler(pairs, d["patch"], Degradation.from_config(d["degradation"])
+    sampler = train_data.PatchSampler(ctx.pairs, d["patch"], Degradation.from_config(d["degradation"])
                                       if d["degradation"] else None, d["mixup"])
     val_pairs = load_validation(cfg) if rank == 0 else []
     per_worker = cfg["train"]["batch_size"] // world
-    running: list[float] = []
-    while step < stop_at:
-        rng = np.random.default_rng([seed, rank, step])
-        inp, tgt = (torch.from_numpy(a).to(device) for a in sampler.batch(per_worker, rng))
-        loss = charbonnier(ddp_model(inp), tgt, o["charbonnier_eps"])
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        if o["grad_clip"]:
-            torch.nn.utils.clip_grad_norm_(model.parameters(), o["grad_clip"])
-        lr = optimizer.param_groups[0]["lr"]
-        optimizer.step()
-        scheduler.step()
-        step += 1
-        running.append(float(loss.detach()))
-        record: dict[str, Any] = {}
-        if step % cfg["train"]["log_every"] == 0 or step == stop_at:
-            record = {"step": step, "loss": float(np.mean(running)), "lr": lr}
-            running = []
-        if val_pairs and (step % cfg["validate"]["every"] == 0 or step == total):
-            record = {"step": step, "lr": lr, **record, **validate(model, val_pairs, cfg, device)}
-        if record and rank == 0:
-            history.append(record)
-        if step % cfg["checkpoint"]["every"] == 0 or step == stop_at:
-            if rank == 0:
-                store.save_checkpoint({
-                    "model": models.checkpoints.unique_state_dict(model), "optimizer": optimizer.state_dict(),
-                    "scheduler": scheduler.state_dict(), "step": step, "config": json.dumps(cfg),
-                    "history": json.dumps(history), "wall_seconds": elapsed_before + time.time() - started})
-                store.save_metrics(history)
-            if world > 1:
-                torch.distributed.barrier()
-        if record:
-            ray.train.report({k: v for k, v in record.items() if isinstance(v, (int, float))})
+
+    def draw(at_step: int) -> tuple[np.ndarray, np.ndarray]:  # the same patches for a step, resumed or not
+        return sampler.batch(per_worker, np.random.default_rng([seed, rank, at_step]))
+
+    running: list[torch.Tensor] = []
+    ahead = max(1, int(cfg["scaling"]["cpus_per_worker"]) - 1)  # batches drawn in threads while steps train
+    with ThreadPoolExecutor(max_workers=ahead) as prefetch:
+        queued = collections.deque(prefetch.submit(draw, s) for s in range(step, min(step + ahead, stop_at)))
+        while step < stop_at:
+            inp, tgt = (torch.from_numpy(a).to(device, non_blocking=True) for a in queued.popleft().result())
+            if step + ahead < stop_at:
+                queued.append(prefetch.submit(draw, step + ahead))
+            loss = charbonnier(ddp_model(inp), tgt, o["charbonnier_eps"])
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            if o["grad_clip"]:
+                torch.nn.utils.clip_grad_norm_(model.parameters(), o["grad_clip"])
+            lr = optimizer.param_groups[0]["lr"]
+            optimizer.step()
+            scheduler.step()
+            step += 1
+            running.append(loss.detach())  # read back only when logged: no GPU sync per step
+            record: dict[str, Any] = {}
+            if step % cfg["train"]["log_every"] == 0 or step == stop_at:
+                record = {"step": step, "loss": float(torch.stack(running).mean()), "lr": lr}
+                running = []
+            if val_pairs and (step % cfg["validate"]["every"] == 0 or step == total):
+                record = {"step": step, "lr": lr, **record, **validate(model, val_pairs, cfg, device)}
+            if record and rank == 0:
+                history.append(record)
+            if step % cfg["checkpoint"]["every"] == 0 or step == stop_at:
+                if rank == 0:
+                    store.save_checkpoint({
+                        "model": models.checkpoints.unique_state_dict(model), "optimizer": optimizer.state_dict(),
+                        "scheduler": scheduler.state_dict(), "step": step, "config": json.dumps(cfg),
+                        "history": json.dumps(history), "wall_seconds": elapsed_before + time.time() - started})
+                    store.save_metrics(history)
+                if world > 1:
+                    torch.distributed.barrier()
+            if record:
+                ctx.report({k: v for k, v in record.items() if isinstance(v, (int, float))})
     if rank == 0 and step == total:
         export(model, cfg, history, elapsed_before + time.time() - started, store)
 
@@ -368,14 +425,14 @@ def export(model: torch.nn.Module, cfg: dict[str, Any], history: list[dict[str, 
 
 
 def run_training(cfg: dict[str, Any], *, resume: bool = False, restart: bool = False, address: str | None = None,
-                 stop_after: int | None = None) -> dict[str, Any]:
-    """Train (or resume) the run described by ``cfg`` with Ray Train; returns a summary."""
-    import ray
-    import ray.train
-    from ray.train.torch import TorchTrainer
+                 stop_after: int | None = None, executor: str = "ray") -> dict[str, Any]:
+    """Train (or resume) the run described by ``cfg``; returns a summary.
 
-    from .graph import ClusterOptions, connect
-
+    ``executor``: "ray" runs ``scaling.num_workers`` Ray Train workers (DDP) on the embedded
+    runtime or the cluster at ``address``; "inline" runs one worker in this process, without Ray.
+    """
+    if executor not in EXECUTORS:
+        raise ValueError(f"unknown executor {executor!r}; choose one of {', '.join(EXECUTORS)}")
     cfg = absolutise_paths(cfg)
     store = RunStore(cfg)
     existing = store.checkpoints()
@@ -385,8 +442,25 @@ def run_training(cfg: dict[str, Any], *, resume: bool = False, restart: bool = F
         for key in existing:
             store.storage.fs.rm(store.storage.path(key))
     _, init_sha256 = init_model(cfg)  # a bad model.init fails here, before any worker starts
-    connect(ClusterOptions(address=address))
     cfg = dict(cfg, _stop_after=stop_after, _init_sha256=init_sha256)
+    if executor == "inline":
+        train_worker(cfg, inline_context(cfg))
+    else:
+        _fit_on_ray(cfg, address)
+    state = store.latest()
+    return {"run": store.url, "step": int(state["step"]) if state else 0,
+            "resumed_from": int(existing[-1].rsplit("-", 1)[-1].split(".")[0]) if existing and not restart else 0,
+            "history": json.loads(state["history"]) if state else []}
+
+
+def _fit_on_ray(cfg: dict[str, Any], address: str | None) -> None:
+    """Run the training loop on Ray Train workers, with the training images as a Ray Dataset."""
+    import ray.train
+    from ray.train.torch import TorchTrainer
+
+    from .graph import ClusterOptions, connect
+
+    connect(ClusterOptions(address=address))
     d = cfg["data"]
     dataset = train_data.build_dataset(d["train"]["clean"], d["train"]["degraded"], d["storage_options"])
     s = cfg["scaling"]
@@ -399,7 +473,3 @@ def run_training(cfg: dict[str, Any], *, resume: bool = False, restart: bool = F
                                        storage_path=os.path.join(os.path.expanduser("~"), "ray_results")),
         datasets={"train": dataset})
     trainer.fit()
-    state = store.latest()
-    return {"run": store.url, "step": int(state["step"]) if state else 0,
-            "resumed_from": int(existing[-1].rsplit("-", 1)[-1].split(".")[0]) if existing and not restart else 0,
-            "history": json.loads(state["history"]) if state else []}

@@ -2,6 +2,9 @@
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -156,3 +159,39 @@ def test_fine_tune_starts_from_the_init_weights(ray_runtime, tmp_path):
     wrong = dict(raw, name="fine-tune-wrong", model={"arch": card.arch, "config": {**card.config, "n_feat": 24}, "init": card.name})
     with pytest.raises(CheckpointError, match="do not fit"):
         run_training(load_config(wrong))
+
+
+def test_inline_executor_runs_without_ray_and_matches_ray_train(ray_runtime, tmp_path):
+    import models
+
+    (tmp_path / "photos").mkdir()
+    for name in ("astronaut", "rocket"):
+        Image.fromarray(photo(name)).save(tmp_path / "photos" / f"{name}.png")
+    raw = {
+        "name": "same-run", "task": "denoise",
+        "model": {"arch": "mirnet_v2", "config": {"n_feat": 16, "n_RRG": 1, "n_MRB": 1}},
+        "data": {"train": {"clean": str(tmp_path / "photos")}, "degradation": {"kind": "gaussian", "sigma": [10, 40]},
+                 "patch": 48},
+        "optim": {"lr": 1e-3, "warmup_steps": 2},
+        "train": {"steps": 6, "batch_size": 2, "log_every": 3},
+        "checkpoint": {"dir": str(tmp_path / "ray-runs"), "every": 6},
+        "validate": {"every": 1000},
+    }
+    run_training(load_config(raw))
+    config = tmp_path / "inline.yaml"
+    config.write_text(json.dumps(dict(raw, checkpoint={"dir": str(tmp_path / "inline-runs"), "every": 6})))
+    # A process in which Ray cannot be imported: the inline executor must not need it.
+    code = "import sys; sys.modules['ray'] = None; from pipeline.cli import main; main()"
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("RAY_", "PYTEST_", "PYTHONBREAKPOINT"))}
+    proc = subprocess.run([sys.executable, "-c", code, "train", str(config), "--executor", "inline"],
+                          capture_output=True, text=True, timeout=300, env=env)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
+    assert "step 6" in proc.stdout
+    on_ray = models.load(str(tmp_path / "ray-runs" / "same-run" / "model.safetensors")).state_dict()
+    inline = models.load(str(tmp_path / "inline-runs" / "same-run" / "model.safetensors")).state_dict()
+    assert on_ray.keys() == inline.keys()
+    for key, value in inline.items():  # same seed, same patches, one worker: the same weights
+        assert torch.allclose(value, on_ray[key], atol=1e-6), key
+
+    with pytest.raises(ValueError, match="inline executor trains one worker"):
+        run_training(load_config(dict(raw, scaling={"num_workers": 2})), executor="inline")

@@ -162,8 +162,6 @@ def train(config: str, resume: bool, restart: bool, address: str | None, num_wor
             cfg["scaling"]["use_gpu"] = use_gpu
         if resume and restart:
             raise ValueError("--resume and --restart exclude each other")
-        if executor == "inline" and address:
-            raise ValueError("--address needs --executor ray")
         result = run_training(cfg, resume=resume, restart=restart, address=address, stop_after=stop_after,
                               executor=executor)
     except USAGE_ERRORS as exc:

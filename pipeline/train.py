@@ -433,6 +433,8 @@ def run_training(cfg: dict[str, Any], *, resume: bool = False, restart: bool = F
     """
     if executor not in EXECUTORS:
         raise ValueError(f"unknown executor {executor!r}; choose one of {', '.join(EXECUTORS)}")
+    if executor == "inline" and address:
+        raise ValueError("a cluster address needs the ray executor; the inline executor trains in this process")
     cfg = absolutise_paths(cfg)
     store = RunStore(cfg)
     existing = store.checkpoints()

@@ -20,6 +20,11 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def child_env() -> dict[str, str]:
+    """This process's environment without its Ray and pytest settings, for a process that starts its own."""
+    return {k: v for k, v in os.environ.items() if not k.startswith(("RAY_", "PYTEST_", "PYTHONBREAKPOINT"))}
+
+
 def photo(name: str) -> np.ndarray:
     """A scikit-image photograph as uint8 (H, W, 3) or (H, W)."""
     import skimage.data

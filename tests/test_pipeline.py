@@ -21,7 +21,7 @@ from pipeline.cli import main
 from pipeline.manifest import read_manifest
 from pipeline.storage import Storage, safe_relative_key
 
-from .conftest import photo
+from .conftest import child_env, photo
 
 PHOTOS = ["astronaut", "camera", "chelsea", "coffee", "retina", "hubble_deep_field", "rocket", "stereo_motorcycle",
           "immunohistochemistry", "moon", "coins", "clock"]
@@ -205,9 +205,8 @@ def test_two_node_cluster_runs_replicas_on_both_and_workers_get_s3_config(bucket
     src, dst = f"s3://{bucket}/in", f"s3://{bucket}/out"
     helper = Path(__file__).parent / "helpers" / "two_node_job.py"
     # The helper starts its own cluster: hand it none of this process's Ray or pytest settings.
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("RAY_", "PYTEST_", "PYTHONBREAKPOINT"))}
     proc = subprocess.run([sys.executable, str(helper), src, dst, small_model], capture_output=True, text=True,
-                          timeout=900, start_new_session=True, env=env)
+                          timeout=900, start_new_session=True, env=child_env())
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
     report = json.loads(proc.stdout.strip().splitlines()[-1])
     assert report == {"ok": len(good), "failed": len(corrupt), "exit_code": 1, "alive_nodes": 2}

@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 
@@ -19,7 +18,7 @@ from pipeline import metrics
 from pipeline.cli import main
 from pipeline.train import load_config, lr_at, run_training
 
-from .conftest import photo
+from .conftest import child_env, photo
 
 TRAIN_PHOTOS = ["astronaut", "coffee", "rocket", "immunohistochemistry"]
 
@@ -182,9 +181,8 @@ def test_inline_executor_runs_without_ray_and_matches_ray_train(ray_runtime, tmp
     config.write_text(json.dumps(dict(raw, checkpoint={"dir": str(tmp_path / "inline-runs"), "every": 6})))
     # A process in which Ray cannot be imported: the inline executor must not need it.
     code = "import sys; sys.modules['ray'] = None; from pipeline.cli import main; main()"
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("RAY_", "PYTEST_", "PYTHONBREAKPOINT"))}
     proc = subprocess.run([sys.executable, "-c", code, "train", str(config), "--executor", "inline"],
-                          capture_output=True, text=True, timeout=300, env=env)
+                          capture_output=True, text=True, timeout=300, env=child_env())
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
     assert "step 6" in proc.stdout
     on_ray = models.load(str(tmp_path / "ray-runs" / "same-run" / "model.safetensors")).state_dict()
@@ -195,3 +193,5 @@ def test_inline_executor_runs_without_ray_and_matches_ray_train(ray_runtime, tmp
 
     with pytest.raises(ValueError, match="inline executor trains one worker"):
         run_training(load_config(dict(raw, scaling={"num_workers": 2})), executor="inline")
+    with pytest.raises(ValueError, match="needs the ray executor"):
+        run_training(load_config(raw), executor="inline", address="127.0.0.1:6379")

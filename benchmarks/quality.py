@@ -1,6 +1,8 @@
 """Quality and speed of the shipped models against classical baselines, on held-out photos.
 
 Validation photos (never used for training): scikit-image's chelsea, camera and coffee.
+Degradations are the training code's (pipeline.degrade.Degradation), so the grey photo
+(camera) is degraded as the one-channel image it would arrive as.
 - denoise: Gaussian noise at sigma 15 / 25 / 50 (seeded); the shipped model, CBM3D
   (PyPI `bm3d`; BM3D for the grey photo) and scikit-image's non-local means, against the
   noisy input. Timings are per image on this machine's CPU.
@@ -28,7 +30,7 @@ import torch
 import models
 from models.cards import WEIGHTS_DIR
 from pipeline.data import skimage_photo
-from pipeline.degrade import gaussian, low_light
+from pipeline.degrade import Degradation, is_grey
 from pipeline.engine import ModelSpec, PageJob, Restorer, resize_bicubic
 from pipeline.metrics import score
 
@@ -38,10 +40,6 @@ SIGMAS = (15, 25, 50)
 
 def quantise(img: np.ndarray) -> np.ndarray:
     return np.rint(np.clip(img, 0, 1) * 255) / 255
-
-
-def is_grey(img: np.ndarray) -> bool:
-    return bool(np.all(img[..., 0] == img[..., 1]) and np.all(img[..., 1] == img[..., 2]))
 
 
 def restore_with(card: models.ModelCard) -> Callable[[np.ndarray], np.ndarray]:
@@ -110,7 +108,8 @@ def clean_photos() -> list[tuple[str, np.ndarray]]:
 def evaluate_denoise(cards: list[models.ModelCard]) -> dict[str, Section]:
     results = {}
     for sigma in SIGMAS:
-        pairs = [(name, clean, quantise(gaussian(clean, np.random.default_rng(100 + i), sigma)))
+        noise = Degradation("gaussian", sigma=(sigma, sigma))
+        pairs = [(name, clean, quantise(noise(clean, np.random.default_rng(100 + i))))
                  for i, (name, clean) in enumerate(clean_photos())]
         methods = {**model_methods(cards), "cbm3d": lambda noisy, clean: cbm3d(noisy, sigma),
                    "nl_means": lambda noisy, clean: nl_means(noisy, sigma), "input": lambda noisy, clean: noisy}
@@ -134,7 +133,8 @@ def evaluate_sr(cards: list[models.ModelCard]) -> dict[str, Section]:
 
 
 def evaluate_enhance(cards: list[models.ModelCard]) -> dict[str, Section]:
-    pairs = [(name, clean, quantise(low_light(clean, np.random.default_rng(200 + i), 0.2, 1.25, 300, 2)))
+    dark = Degradation("low_light", exposure=(0.2, 0.2), gamma=(1.25, 1.25), peak=(300, 300), sigma=(2, 2))
+    pairs = [(name, clean, quantise(dark(clean, np.random.default_rng(200 + i))))
              for i, (name, clean) in enumerate(clean_photos())]
     return {"enhance low_light": measure({**model_methods(cards), "input": lambda dark, clean: dark}, pairs)}
 

@@ -17,6 +17,11 @@ from .engine import resize_bicubic
 KINDS = ("gaussian", "poisson_gaussian", "low_light", "sr", "jpeg")
 
 
+def is_grey(img: np.ndarray) -> bool:
+    """True for an (H, W, C) image whose channels are all equal (a grey photo stored as colour)."""
+    return img.ndim == 3 and all(np.array_equal(img[..., 0], img[..., c]) for c in range(1, img.shape[2]))
+
+
 def gaussian(img: np.ndarray, rng: np.random.Generator, sigma: float) -> np.ndarray:
     """Additive white Gaussian noise; ``sigma`` on the 0-255 scale."""
     return np.clip(img + rng.normal(0.0, sigma / 255.0, img.shape).astype(np.float32), 0, 1)
@@ -73,6 +78,10 @@ class Degradation:
         return cls(**values)
 
     def __call__(self, img: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+        if img.ndim == 3 and img.shape[2] > 1 and is_grey(img):
+            # A grey photo arrives as one channel, its noise the same in every channel the
+            # engine replicates it to: degrade it as one channel, as it will be seen.
+            return np.repeat(self(img[..., :1], rng), img.shape[2], axis=2)
         u = lambda lo_hi: float(rng.uniform(*lo_hi))
         if self.kind == "gaussian":
             return gaussian(img, rng, u(self.sigma))

@@ -411,7 +411,7 @@ def export(model: torch.nn.Module, cfg: dict[str, Any], history: list[dict[str, 
               "seed": cfg["train"]["seed"], "workers": cfg["scaling"]["num_workers"], "hardware": hardware(),
               "wall_seconds": round(wall_seconds, 1)}
     if cfg["model"]["init"]:
-        recipe["init"] = {"weights": cfg["model"]["init"], "sha256": cfg["_init_sha256"]}
+        recipe["init"] = {"weights": cfg["_init_as_given"], "sha256": cfg["_init_sha256"]}
     metadata = {"name": cfg["name"], "task": cfg["task"], "scale": cfg["scale"], "recipe": recipe,
                 "validation": {k: v for k, v in last_val.items() if k.startswith("val_")}}
     data = models.checkpoints.to_bytes(model, cfg["model"]["arch"], cfg["model"]["config"], **metadata)
@@ -435,6 +435,7 @@ def run_training(cfg: dict[str, Any], *, resume: bool = False, restart: bool = F
         raise ValueError(f"unknown executor {executor!r}; choose one of {', '.join(EXECUTORS)}")
     if executor == "inline" and address:
         raise ValueError("a cluster address needs the ray executor; the inline executor trains in this process")
+    init_as_given = cfg["model"]["init"]  # recorded in the recipe as written, not as this machine's path
     cfg = absolutise_paths(cfg)
     store = RunStore(cfg)
     existing = store.checkpoints()
@@ -444,7 +445,7 @@ def run_training(cfg: dict[str, Any], *, resume: bool = False, restart: bool = F
         for key in existing:
             store.storage.fs.rm(store.storage.path(key))
     _, init_sha256 = init_model(cfg)  # a bad model.init fails here, before any worker starts
-    cfg = dict(cfg, _stop_after=stop_after, _init_sha256=init_sha256)
+    cfg = dict(cfg, _stop_after=stop_after, _init_sha256=init_sha256, _init_as_given=init_as_given)
     if executor == "inline":
         train_worker(cfg, inline_context(cfg))
     else:

@@ -195,3 +195,18 @@ def test_inline_executor_runs_without_ray_and_matches_ray_train(ray_runtime, tmp
         run_training(load_config(dict(raw, scaling={"num_workers": 2})), executor="inline")
     with pytest.raises(ValueError, match="needs the ray executor"):
         run_training(load_config(raw), executor="inline", address="127.0.0.1:6379")
+
+
+def test_grey_photos_are_degraded_as_one_channel_and_colour_ones_per_channel():
+    from pipeline.degrade import Degradation
+
+    grey = np.repeat(photo("camera")[:64, :64, None], 3, axis=2).astype(np.float32) / 255
+    colour = photo("astronaut")[:64, :64].astype(np.float32) / 255
+    for kind in ("gaussian", "poisson_gaussian", "low_light", "jpeg"):
+        degradation = Degradation(kind)
+        noisy_grey = degradation(grey, np.random.default_rng(0))
+        assert noisy_grey.shape == grey.shape
+        assert np.array_equal(noisy_grey[..., 0], noisy_grey[..., 1]) and np.array_equal(noisy_grey[..., 0], noisy_grey[..., 2])
+        assert not np.array_equal(noisy_grey, grey)
+        noise = degradation(colour, np.random.default_rng(0)) - colour
+        assert not np.allclose(noise[..., 0], noise[..., 1]), kind

@@ -12,15 +12,14 @@ import json
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal, get_args
+from typing import Any
 
 from torch import nn
 
 from .archs import build, canonical_arch
 from .checkpoints import CheckpointError, ckpt_info, load_weights, read_checkpoint
+from .tasks import TASKS, Task
 
-Task = Literal["denoise", "enhance", "sr", "deblur"]
-TASKS: tuple[str, ...] = get_args(Task)
 WEIGHTS_DIR = Path(__file__).parent / "weights"
 
 

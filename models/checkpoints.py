@@ -33,6 +33,11 @@ from .archs import build, canonical_arch, infer_arch_config
 FORMAT_NAME = "mirnet-restore"
 FORMAT_VERSION = "1"
 
+# Largest |weight| a checkpoint may hold. MIRNet weights are O(1): the shipped weights and
+# the official-layout fixtures peak at |w| < 1; anything near this bound is a diverged or
+# corrupt file whose activations would overflow (fp16 saturates at 65504).
+MAX_ABS_WEIGHT = 1e6
+
 
 class CheckpointError(ValueError):
     """A checkpoint could not be read or does not fit the requested model."""
@@ -117,9 +122,47 @@ def _parse_torch(path: str, data: bytes) -> Checkpoint:
     return Checkpoint(tensors, source)
 
 
+def check_weights(path: str, tensors: Mapping[str, torch.Tensor]) -> None:
+    """Refuse floating tensors holding NaN/inf, or magnitudes above :data:`MAX_ABS_WEIGHT`.
+
+    One reduction per distinct floating tensor; tensors shared under several names
+    (official MIRNet files) are checked and counted once.
+    """
+    seen: set[tuple] = set()
+    non_finite: list[tuple[str, torch.Tensor]] = []
+    too_large: list[tuple[str, float]] = []
+    for name, t in tensors.items():
+        if not t.is_floating_point() or t.numel() == 0:
+            continue
+        key = (t.data_ptr(), tuple(t.shape), t.stride(), t.dtype)
+        if key in seen:
+            continue
+        seen.add(key)
+        if not bool(torch.isfinite(t).all()):
+            non_finite.append((name, t))
+        else:
+            peak = float(t.detach().abs().max())
+            if peak > MAX_ABS_WEIGHT:
+                too_large.append((name, peak))
+    if non_finite:
+        name, t = non_finite[0]
+        count = int((~torch.isfinite(t)).sum())
+        more = f" (and {len(non_finite) - 1} more tensors)" if len(non_finite) > 1 else ""
+        raise CheckpointError(path, f"weights are not finite: {count} non-finite values (NaN/inf) in {name}{more}")
+    if too_large:
+        name, peak = max(too_large, key=lambda item: item[1])
+        more = f" (and {len(too_large) - 1} more tensors)" if len(too_large) > 1 else ""
+        raise CheckpointError(path, f"weights hold implausible magnitudes (max |w| = {peak:.3g} in {name}{more}; "
+                                    f"the limit is {MAX_ABS_WEIGHT:.0e}, MIRNet weights are O(1))")
+
+
 def read_checkpoint(path: str, storage_options: Mapping[str, Any] | None = None,
                     data: bytes | None = None) -> Checkpoint:
-    """Read any supported checkpoint file from a local path or fsspec URL."""
+    """Read any supported checkpoint file from a local path or fsspec URL.
+
+    Raises :class:`CheckpointError` for unreadable files and for weights that are not
+    finite or implausibly large (see :func:`check_weights`).
+    """
     data = read_bytes(path, storage_options) if data is None else data
     if not data:
         raise CheckpointError(path, "empty file")
@@ -129,6 +172,7 @@ def read_checkpoint(path: str, storage_options: Mapping[str, Any] | None = None,
         ckpt = _parse_torch(path, data)
     else:
         raise CheckpointError(path, "not a checkpoint: neither a safetensors file nor a torch checkpoint")
+    check_weights(path, ckpt.state_dict)
     ckpt.sha256 = sha256_hex(data)
     return ckpt
 
@@ -179,15 +223,16 @@ def load_weights(model: nn.Module, tensors: Mapping[str, torch.Tensor], path: st
 
 
 def load(path_or_url: str, arch: str | None = None, *, storage_options: Mapping[str, Any] | None = None,
-         **config: Any) -> nn.Module:
+         data: bytes | None = None, **config: Any) -> nn.Module:
     """Load a checkpoint into a freshly built model, strictly, in eval mode on the CPU.
 
     For the project's own files nothing else is needed. For official files pass
     ``arch`` and the official constructor keywords (an official YAML's ``network_g``
     block may be passed verbatim); without them the architecture is inferred from
-    the weights' keys and shapes.
+    the weights' keys and shapes. ``data``: the file's bytes, already read (then
+    ``path_or_url`` only names it).
     """
-    ckpt = read_checkpoint(path_or_url, storage_options)
+    ckpt = read_checkpoint(path_or_url, storage_options, data=data)
     arch_name = arch or config.get("type") or ckpt.arch
     config = dict(config) or dict(ckpt.config)
     if arch_name is None or not config:

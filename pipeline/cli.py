@@ -1,29 +1,53 @@
-"""The ``mirnet`` command line."""
+"""The ``mirnet`` command line.
+
+Start-up stays light: torch, Ray and the codecs are imported inside the commands, so
+``mirnet --help`` answers at once.
+"""
 from __future__ import annotations
 
 import json
 import logging
 import sys
-from typing import Any
+from typing import Any, NoReturn
 
 import click
 
-import models
+from models.tasks import TASKS
 
-from .engine import EngineError, EngineSettings, Restorer, resolve_model
-from .graph import ClusterOptions
-from .plan import make_plan
-from .runner import execute, summary
-from .stages import JobSpec
+from .formats import FORMAT_BY_NAME
 
-USAGE_ERRORS = (EngineError, models.NoWeightsError, models.CheckpointError, ValueError, KeyError,
-                FileNotFoundError, PermissionError)
+EXIT_USAGE, EXIT_STORAGE = 2, 4
 
 
-def _fail_usage(error: Exception | str) -> None:
+def usage_errors() -> tuple[type[BaseException], ...]:
+    """Exceptions that mean 'the request cannot work' (exit 2), not 'an image failed'."""
+    import models
+
+    from .engine import EngineError
+    from .plan import PlanError
+
+    return (EngineError, PlanError, models.NoWeightsError, models.CheckpointError, ValueError, KeyError,
+            FileNotFoundError, PermissionError, NotADirectoryError)
+
+
+def is_storage_error(exc: BaseException) -> bool:
+    """A failure to reach storage (network, endpoint, credentials), as opposed to a bad request."""
+    from .storage import StorageError
+
+    module = type(exc).__module__.split(".")[0]
+    return isinstance(exc, (StorageError, ConnectionError, TimeoutError)) or module in (
+        "botocore", "aiobotocore", "aiohttp", "s3fs", "gcsfs", "adlfs")
+
+
+def _fail(error: BaseException | str, code: int = EXIT_USAGE) -> NoReturn:
     message = error.args[0] if isinstance(error, KeyError) and error.args else str(error)
-    click.echo(f"error: {message}", err=True)
-    sys.exit(2)
+    prefix = "storage error" if code == EXIT_STORAGE else "error"
+    click.echo(f"{prefix}: {' '.join(str(message).split())}", err=True)
+    sys.exit(code)
+
+
+def _fail_usage(error: BaseException | str) -> NoReturn:
+    _fail(error, EXIT_USAGE)
 
 
 def _json_option(value: str | None, what: str) -> dict[str, Any]:
@@ -48,11 +72,11 @@ def main(verbose: bool) -> None:
 @main.command()
 @click.argument("src")
 @click.argument("dst")
-@click.option("--task", type=click.Choice(["denoise", "enhance", "sr", "deblur"]), help="What to restore.")
+@click.option("--task", type=click.Choice(TASKS), help="What to restore.")
 @click.option("--model", help="Model card name, or checkpoint path/URL (default: the task's shipped model).")
 @click.option("--scale", type=click.Choice(["2", "3", "4"]), help="Super-resolution factor (task sr).")
-@click.option("--format", "out_format", type=click.Choice(["png", "jpeg", "tiff", "webp", "bmp"]),
-              help="Output format (default: as input).")
+@click.option("--format", "out_format", type=click.Choice(list(FORMAT_BY_NAME)),
+              help="Output format (default: as input, or DST's extension for a single file).")
 @click.option("--tile", type=int, help="Tile size in pixels (default: from free device memory; 512 on CPU).")
 @click.option("--overlap", type=int, default=32, show_default=True, help="Tile overlap in pixels.")
 @click.option("--batch-size", type=int, help="Tiles per model call (default: 1 on CPU, 8 on CUDA).")
@@ -75,49 +99,68 @@ def main(verbose: bool) -> None:
 @click.option("--fail-fast", is_flag=True, help="Stop at the first failed image.")
 @click.option("--quiet", is_flag=True, help="No progress bar (for scheduled jobs).")
 @click.option("--executor", type=click.Choice(["auto", "ray", "inline"]), default="auto", show_default=True,
-              help="auto: in-process for one file, Ray for many.")
+              help="auto: Ray for a cluster address or a big job, else in-process (README, 'Small jobs').")
+@click.option("--max-pixels", type=int, help="Refuse (as a failed row) an image with more pixels than this, "
+                                             "from its header, before decoding (default 2e9: a 40000x40000 scene "
+                                             "passes).")
+@click.option("--allow-empty", is_flag=True, help="An empty source is not an error (scheduled jobs).")
 def restore(src: str, dst: str, task: str | None, model: str | None, scale: str | None, out_format: str | None,
             tile: int | None, overlap: int, batch_size: int | None, precision: str, device: str | None,
             address: str | None, num_gpus: int | None, replicas: int | None, cpus_per_replica: int | None,
             images_per_batch: int, num_cpus: int | None, include: tuple[str, ...], exclude: tuple[str, ...],
             keys_from: str | None, storage_options: str | None, overwrite: bool, dry_run: bool,
-            fail_fast: bool, quiet: bool, executor: str) -> None:
+            fail_fast: bool, quiet: bool, executor: str, max_pixels: int | None, allow_empty: bool) -> None:
     """Restore SRC (a file, folder or prefix; local or fsspec URL) into DST.
 
-    Exit status: 0 all images restored, 1 some failed, 2 usage error.
+    Exit status: 0 all images restored, 1 some failed, 2 usage error, 4 storage unreachable.
     """
     options = _json_option(storage_options, "--storage-options")
-    fmt = {"png": "PNG", "jpeg": "JPEG", "tiff": "TIFF", "webp": "WEBP", "bmp": "BMP"}.get(out_format or "")
+    fmt = FORMAT_BY_NAME.get(out_format or "")
     scale_n = int(scale) if scale else None
     if task == "sr" and scale_n is None and model is None:
         scale_n = 2
     if scale_n and task not in (None, "sr"):
         _fail_usage("--scale goes with --task sr")
+    if max_pixels is not None and max_pixels < 1:
+        _fail_usage("--max-pixels must be a positive number of pixels")
+    say = (lambda text: None) if quiet else (lambda text: click.echo(text, err=True))
+    from .engine import EngineSettings
+    from .graph import ClusterOptions
+    from .runner import choose_executor, execute, prepare_job, summary
+
     settings = EngineSettings(tile=tile, overlap=overlap, batch_size=batch_size, precision=precision,  # type: ignore[arg-type]
                               device=device, scale=scale_n)
+    say(f"listing {src} ...")
     try:
-        plan = make_plan(src, dst, storage_options=options, include=include, exclude=exclude,
-                         keys_from=keys_from, out_format=fmt, overwrite=overwrite)
-        if dry_run:
-            for item in plan.todo:
-                click.echo(f"restore {plan.source.display(item.key)} -> {plan.output.display(item.output_key)}")
-            for item in plan.skipped:
-                click.echo(f"skip    {plan.source.display(item.key)} (output exists with an ok manifest row)")
-            click.echo(f"{len(plan.todo)} to restore ({plan.retried} retried after failure), "
-                       f"{len(plan.skipped)} skipped", err=True)
-            return
-        spec_model = resolve_model(model, task, scale_n, options)
-        restorer = Restorer(spec_model, settings)
-    except USAGE_ERRORS as exc:
-        _fail_usage(exc)
-    spec = JobSpec(plan.source, plan.output, model or spec_model.name, task or spec_model.task, scale_n, settings,
-                   fmt)
-    chosen = executor if executor != "auto" else ("inline" if len(plan.todo) <= 1 else "ray")
+        plan, spec, resolved = prepare_job(src, dst, model=model, task=task, scale=scale_n, settings=settings,
+                                           out_format=fmt, storage_options=options, include=include,
+                                           exclude=exclude, keys_from=keys_from, overwrite=overwrite,
+                                           allow_empty=allow_empty, max_pixels=max_pixels, dry_run=dry_run)
+    except Exception as exc:
+        if is_storage_error(exc):
+            _fail(exc, EXIT_STORAGE)
+        if isinstance(exc, usage_errors()):
+            _fail_usage(exc)
+        raise
+    if dry_run:
+        for item in plan.runnable:
+            click.echo(f"restore {plan.source.display(item.key)} -> {plan.output.display(item.output_key)}")
+        for item in plan.refused:
+            click.echo(f"fail    {plan.source.display(item.key)}: {item.error}")
+        for item in plan.skipped:
+            click.echo(f"skip    {plan.source.display(item.key)} (output exists with an ok manifest row)")
+        click.echo(f"{len(plan.runnable)} to restore ({plan.retried} retried after failure), "
+                   f"{len(plan.refused)} refused, {len(plan.skipped)} skipped; model {resolved.name} "
+                   f"({resolved.task}{f' x{resolved.scale}' if resolved.task == 'sr' else ''})", err=True)
+        return
+    chosen, why = choose_executor(plan, executor, address)
+    if chosen == "inline" and executor == "auto" and len(plan.runnable) > 1:
+        say(why)
     cluster = ClusterOptions(address=address, num_gpus=num_gpus, replicas=replicas,
                              cpus_per_replica=cpus_per_replica, images_per_batch=images_per_batch,
                              num_cpus=num_cpus)
     result = execute(plan, spec, executor=chosen, cluster=cluster, fail_fast=fail_fast, quiet=quiet,
-                     restorer=restorer if chosen == "inline" else None)
+                     model=resolved)
     click.echo(summary(result, plan), err=True)
     sys.exit(result.exit_code)
 
@@ -126,6 +169,8 @@ def restore(src: str, dst: str, task: str | None, model: str | None, scale: str 
 @click.option("--json", "as_json", is_flag=True, help="Print the cards as JSON.")
 def list_models(as_json: bool) -> None:
     """List the registered model cards."""
+    import models
+
     cards = models.list_cards()
     if as_json:
         click.echo(json.dumps([c.to_json() for c in cards], indent=2))
@@ -164,7 +209,7 @@ def train(config: str, resume: bool, restart: bool, address: str | None, num_wor
             raise ValueError("--resume and --restart exclude each other")
         result = run_training(cfg, resume=resume, restart=restart, address=address, stop_after=stop_after,
                               executor=executor)
-    except USAGE_ERRORS as exc:
+    except usage_errors() as exc:
         _fail_usage(exc)
     last = next((r for r in reversed(result["history"]) if "val_psnr" in r), {})
     click.echo(f"run {result['run']}: step {result['step']} (resumed from step {result['resumed_from']})")
@@ -177,7 +222,7 @@ def train(config: str, resume: bool, restart: bool, address: str | None, num_wor
 @click.option("--model", "model_name", required=True, help="Model card name or checkpoint path/URL.")
 @click.option("--input", "input_url", required=True, help="Degraded image file or folder.")
 @click.option("--target", "target_url", required=True, help="Clean image file or folder (matching keys).")
-@click.option("--task", type=click.Choice(["denoise", "enhance", "sr", "deblur"]), help="Task, if not recorded.")
+@click.option("--task", type=click.Choice(TASKS), help="Task, if not recorded.")
 @click.option("--json", "json_out", default="eval.json", show_default=True, help="Where to write the results.")
 @click.option("--tile", type=int, help="Tile size (default: automatic).")
 @click.option("--storage-options", help="JSON of fsspec options.")
@@ -189,7 +234,7 @@ def evaluate(model_name: str, input_url: str, target_url: str, task: str | None,
     options = _json_option(storage_options, "--storage-options")
     try:
         report = evaluate_folder(model_name, input_url, target_url, task=task, tile=tile, storage_options=options)
-    except USAGE_ERRORS as exc:
+    except usage_errors() as exc:
         _fail_usage(exc)
     for row in report["images"]:
         click.echo(f"{row['key']:<40} PSNR {row['psnr']:.2f} dB  SSIM {row['ssim']:.4f}  "

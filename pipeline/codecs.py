@@ -2,18 +2,39 @@
 
 Samples stay in their integer dtype (uint8 or uint16), shape (H, W, C) with C = 1
 (grey) or 3 (colour), so that a huge scan is held once, compactly; the engine turns
-tiles into floats. Alpha is kept apart and written back unchanged.
+tiles into floats. Alpha is kept apart and written back unchanged. A sample is alpha
+only where the file says so: an alpha mode (LA, RGBA, PNG transparency) for Pillow
+formats, an ExtraSamples alpha declaration for TIFF. Other layouts (TIFF with extra
+bands such as RGB+NIR, CMYK, palette TIFF, YCbCr other than JPEG-compressed) are
+refused with the reason; MINISWHITE TIFFs are inverted on read.
 
 Libraries: Pillow for PNG (8-bit), JPEG, WebP and BMP; imagecodecs for 16-bit PNG
 pixels (Pillow reads 48/64-bit PNG as 8-bit); tifffile for TIFF, which keeps
 resolution, ICC and GeoTIFF tags. Multi-page TIFFs are restored page by page and
-written back as multi-page TIFFs with the same page count.
+written back as multi-page TIFFs with the same page count. Animated GIF/WebP/APNG
+are refused rather than cut to their first frame.
+
+Size limit: ``probe`` reads only the header (it works on a prefix of the file) and
+``decode`` refuses an image whose width x height x pages is over ``max_pixels``
+(default ``DEFAULT_MAX_PIXELS``, the CLI's --max-pixels) before any pixel is decoded.
+Pillow's own decompression-bomb guard is not switched off globally: it is raised to
+the caller's limit only for the duration of an ``Image.open`` (``_pillow_pixel_limit``).
+
+Colour: a CMYK JPEG with an embedded CMYK profile is converted to sRGB through it with
+ImageCms (the output carries an sRGB profile); without one it is converted plainly and
+carries none. An ICC profile whose colour space (header bytes 16:20) does not match
+the decoded samples (GRAY for 1 channel, RGB for 3) is dropped.
 """
 from __future__ import annotations
 
+import contextlib
+import functools
 import io
 import struct
+import threading
+import warnings
 import zlib
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -22,14 +43,16 @@ import numpy as np
 import tifffile
 from PIL import Image, ImageFile, UnidentifiedImageError
 
-Image.MAX_IMAGE_PIXELS = None  # archive scans are legitimately huge; memory is bounded by tiling
+from .formats import EXTENSION_BY_FORMAT, FORMAT_BY_EXTENSION, format_of_name
+
 ImageFile.LOAD_TRUNCATED_IMAGES = False
 
-FORMAT_BY_EXTENSION = {
-    ".png": "PNG", ".jpg": "JPEG", ".jpeg": "JPEG", ".tif": "TIFF", ".tiff": "TIFF",
-    ".webp": "WEBP", ".bmp": "BMP",
-}
-EXTENSION_BY_FORMAT = {"PNG": ".png", "JPEG": ".jpg", "TIFF": ".tif", "WEBP": ".webp", "BMP": ".bmp"}
+# Per image, all pages together: lets a 40000 x 40000 satellite scene through, refuses 60000 x 60000.
+DEFAULT_MAX_PIXELS = 2_000_000_000
+_NO_LIMIT = 2**62  # Pillow limit while probing without a caller limit (finite: never None)
+_PIL_LIMIT_LOCK = threading.Lock()  # Image.MAX_IMAGE_PIXELS is process-global
+TIFF_MAGIC = (b"II*\x00", b"MM\x00*", b"II+\x00", b"MM\x00+")
+
 # TIFF tags copied from input to output: GeoTIFF georeferencing and GDAL metadata.
 GEOTIFF_TAGS = (33550, 33922, 34264, 34735, 34736, 34737, 42112, 42113)
 
@@ -63,6 +86,7 @@ class DecodedImage:
     dpi: tuple[float, float] | None = None
     tiff_tags: list[tuple[int, int, int, Any]] = field(default_factory=list)  # (code, dtype, count, value)
     tiff_resolution: tuple[Any, Any, Any] | None = None  # (x, y, unit)
+    associated_alpha: bool = False  # TIFF alpha declared associated (premultiplied)
 
     @property
     def width(self) -> int:
@@ -83,11 +107,11 @@ class DecodedImage:
 
 def format_for(name: str) -> str:
     """Output format for a file name, from its extension."""
-    ext = "." + name.rsplit(".", 1)[-1].lower() if "." in name else ""
-    if ext not in FORMAT_BY_EXTENSION:
-        raise CodecError(name, f"unsupported format {ext or '(no extension)'}; supported: "
-                               f"{', '.join(sorted(FORMAT_BY_EXTENSION))}")
-    return FORMAT_BY_EXTENSION[ext]
+    fmt = format_of_name(name)
+    if fmt is None:
+        ext = "." + name.rsplit(".", 1)[-1].lower() if "." in name.rsplit("/", 1)[-1] else "(no extension)"
+        raise CodecError(name, f"unsupported format {ext}; supported: {', '.join(sorted(FORMAT_BY_EXTENSION))}")
+    return fmt
 
 
 def _mode_name(channels: int, has_alpha: bool, bit_depth: int) -> str:
@@ -98,7 +122,11 @@ def _mode_name(channels: int, has_alpha: bool, bit_depth: int) -> str:
 
 
 def _split(array: np.ndarray, name: str) -> Page:
-    """(H, W[, C]) integer array to a Page, separating alpha."""
+    """(H, W[, C]) integer array to a Page, separating alpha.
+
+    Callers establish first that a 2nd or 4th sample is alpha: a Pillow alpha mode (LA, RGBA),
+    a 16-bit PNG colour type with alpha, or a TIFF extra sample declared as alpha (``_tiff_layout``).
+    """
     if array.ndim == 2:
         array = array[:, :, None]
     if array.ndim != 3 or array.shape[2] not in (1, 2, 3, 4):
@@ -115,49 +143,272 @@ def _png_bit_depth(data: bytes) -> int:
     return data[24] if data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 24 else 8
 
 
+# ---------------------------------------------------------------- size limit and header probe
+
+@contextlib.contextmanager
+def _pillow_pixel_limit(max_pixels: int) -> Iterator[None]:
+    """Pillow's decompression-bomb limit set to ``max_pixels`` (finite) for this block only.
+
+    Image.MAX_IMAGE_PIXELS is process-global, so the override is held under a lock and the
+    previous value is restored afterwards; the DecompressionBombWarning Pillow emits between
+    the limit and twice the limit is suppressed (``probe`` applies the exact limit itself).
+    """
+    with _PIL_LIMIT_LOCK:
+        previous = Image.MAX_IMAGE_PIXELS
+        Image.MAX_IMAGE_PIXELS = int(max_pixels)
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+                yield
+        finally:
+            Image.MAX_IMAGE_PIXELS = previous
+
+
+def _open_pillow(data: bytes, name: str, max_pixels: int | None) -> Image.Image:
+    """``Image.open`` (header only) under the scoped limit; DecompressionBombError -> CodecError."""
+    limit = _NO_LIMIT if max_pixels is None else max_pixels
+    try:
+        with _pillow_pixel_limit(limit):
+            return Image.open(io.BytesIO(data))
+    except Image.DecompressionBombError as exc:
+        raise CodecError(name, f"image is over the limit of {limit} pixels (--max-pixels)") from exc
+
+
+@contextlib.contextmanager
+def _codec_errors(name: str) -> Iterator[None]:
+    """Library exceptions raised while reading ``name`` as CodecError with a reason."""
+    try:
+        yield
+    except CodecError:
+        raise
+    except (UnidentifiedImageError, tifffile.TiffFileError) as exc:
+        raise CodecError(name, "not a recognised image (unknown or corrupt header)") from exc
+    except (OSError, SyntaxError, ValueError, EOFError, IndexError, struct.error, imagecodecs.PngError) as exc:
+        raise CodecError(name, f"corrupt or truncated image data ({exc})") from exc
+
+
+@dataclass(frozen=True)
+class ImageHeader:
+    """What an image's header declares: size of one page, page (or frame) count, samples per pixel."""
+
+    width: int
+    height: int
+    pages: int
+    bands: int
+
+    @property
+    def pixels(self) -> int:
+        return self.width * self.height * self.pages
+
+
+def _check_pixel_limit(header: ImageHeader, name: str, max_pixels: int | None) -> None:
+    if max_pixels is not None and header.pixels > max_pixels:
+        pages = f"{header.pages} page" + ("s" if header.pages != 1 else "")
+        raise CodecError(name, f"image is {header.width} x {header.height} ({pages}) = {header.pixels} pixels, "
+                               f"over the limit of {max_pixels} pixels (--max-pixels)")
+
+
+def _webp_header(data: bytes, name: str) -> ImageHeader:
+    """WebP size from the first chunk, read here: Pillow allocates the canvas when it opens one."""
+    if len(data) < 30:
+        raise CodecError(name, "corrupt or truncated image data (WebP header incomplete)")
+    kind, pages = data[12:16], 1
+    if kind == b"VP8X":
+        flags = data[20]
+        width = 1 + int.from_bytes(data[24:27], "little")
+        height = 1 + int.from_bytes(data[27:30], "little")
+        bands = 4 if flags & 0x10 else 3
+        if flags & 0x02:  # animation: count the ANMF chunks present (all of them in a whole file)
+            offset, frames = 12, 0
+            while offset + 8 <= len(data):
+                size = int.from_bytes(data[offset + 4:offset + 8], "little")
+                frames += data[offset:offset + 4] == b"ANMF"
+                offset += 8 + size + (size & 1)
+            pages = max(frames, 1)
+    elif kind == b"VP8 " and data[23:26] == b"\x9d\x01\x2a":
+        width = int.from_bytes(data[26:28], "little") & 0x3FFF
+        height = int.from_bytes(data[28:30], "little") & 0x3FFF
+        bands = 3
+    elif kind == b"VP8L" and data[20] == 0x2F:
+        bits = int.from_bytes(data[21:25], "little")
+        width, height = (bits & 0x3FFF) + 1, ((bits >> 14) & 0x3FFF) + 1
+        bands = 4 if bits >> 28 & 1 else 3
+    else:
+        raise CodecError(name, "corrupt or truncated image data (unknown WebP chunk)")
+    return ImageHeader(width, height, pages, bands)
+
+
+def probe(data: bytes, name: str, max_pixels: int | None = None) -> ImageHeader:
+    """Read an image's header only (no pixel is decoded); ``data`` may be a prefix of the file.
+
+    TIFF: first page's size, page count (IFDs within ``data``) and samples per pixel (tifffile).
+    WebP: parsed here. Others: Pillow ``Image.open`` without load; ``pages`` is the frame count
+    of an animation (MPO's extra pictures are not counted: only the primary one is decoded).
+    Raises CodecError when the header cannot be parsed, the format is not supported, or the
+    image's width x height x pages is over ``max_pixels`` (None: no limit).
+    """
+    if not data:
+        raise CodecError(name, "empty file (0 bytes)")
+    with _codec_errors(name):
+        if data[:4] in TIFF_MAGIC:
+            with tifffile.TiffFile(io.BytesIO(data)) as tif:
+                first = tif.pages.first
+                header = ImageHeader(int(first.imagewidth), int(first.imagelength), len(tif.pages),
+                                     int(first.samplesperpixel))
+        elif data[:4] == b"RIFF" and data[8:12] == b"WEBP":
+            header = _webp_header(data, name)
+        else:
+            with _open_pillow(data, name, max_pixels) as im:
+                fmt = "JPEG" if im.format == "MPO" else im.format
+                if fmt not in EXTENSION_BY_FORMAT:
+                    raise CodecError(name, f"unsupported image format {im.format}")
+                frames = 1 if im.format == "MPO" else int(getattr(im, "n_frames", 1))
+                header = ImageHeader(im.width, im.height, frames, len(im.getbands()))
+    _check_pixel_limit(header, name, max_pixels)
+    return header
+
+
+# ---------------------------------------------------------------- colour profiles
+
+def _icc_colour_space(icc: bytes) -> bytes | None:
+    return bytes(icc[16:20]) if len(icc) >= 128 else None
+
+
+def _matching_profile(icc: bytes | None, channels: int) -> bytes | None:
+    """``icc`` if its colour space fits ``channels`` colour samples (GRAY: 1, RGB: 3), else None."""
+    if not icc:
+        return None
+    return bytes(icc) if _icc_colour_space(icc) == {1: b"GRAY", 3: b"RGB "}.get(channels) else None
+
+
+@functools.lru_cache(maxsize=1)
+def srgb_profile() -> bytes:
+    """The sRGB ICC profile attached to colour-managed conversions (built once: lcms stamps a date)."""
+    from PIL import ImageCms
+
+    return ImageCms.ImageCmsProfile(ImageCms.createProfile("sRGB")).tobytes()
+
+
+def _cmyk_to_rgb(im: Image.Image, icc: bytes | None) -> tuple[Image.Image, bytes | None]:
+    """CMYK to RGB through the embedded CMYK profile to sRGB; plain conversion without one."""
+    if icc and _icc_colour_space(icc) == b"CMYK":
+        from PIL import ImageCms
+
+        try:
+            source = ImageCms.ImageCmsProfile(io.BytesIO(icc))
+            rgb = ImageCms.profileToProfile(im, source, ImageCms.createProfile("sRGB"), outputMode="RGB")
+        except (ImageCms.PyCMSError, OSError, ValueError):
+            pass  # unusable profile: fall back to the plain conversion below, carrying no profile
+        else:
+            if rgb is not None:
+                return rgb, srgb_profile()
+    return im.convert("RGB"), None
+
+
+# ---------------------------------------------------------------- TIFF
+
+_EXTRA_ALPHA = (tifffile.EXTRASAMPLE.ASSOCALPHA, tifffile.EXTRASAMPLE.UNASSALPHA)
+_TIFF_HINTS = {
+    tifffile.PHOTOMETRIC.PALETTE: "indexed colour: convert it to RGB",
+    tifffile.PHOTOMETRIC.SEPARATED: "CMYK/separated: convert it to RGB",
+}
+
+
+def _tiff_layout(page: Any, name: str) -> tuple[int, bool, bool]:
+    """(colour channels, has alpha, associated alpha) of a TIFF page from its tags, or CodecError.
+
+    Greyscale (MINISBLACK/MINISWHITE, 1 sample) or RGB (3 samples; JPEG-compressed YCbCr, which
+    tifffile decodes to RGB), each with at most one extra sample declared as alpha.
+    """
+    photometric, spp = page.photometric, int(page.samplesperpixel)
+    extras = tuple(page.extrasamples or ())
+    alpha = len(extras) == 1 and extras[0] in _EXTRA_ALPHA
+    P = tifffile.PHOTOMETRIC
+    colour = None
+    if photometric in (P.MINISBLACK, P.MINISWHITE):
+        colour = 1
+    elif photometric == P.RGB or (photometric == P.YCBCR and page.compression == tifffile.COMPRESSION.JPEG):
+        colour = 3
+    if colour is None or spp != colour + alpha or len(extras) != int(alpha):
+        ptype = getattr(photometric, "name", str(photometric))
+        declared = "alpha declared" if any(e in _EXTRA_ALPHA for e in extras) else "no alpha declared"
+        hint = _TIFF_HINTS.get(photometric, "only greyscale or RGB, each with at most one sample declared as "
+                                            "alpha (ExtraSamples), can be restored")
+        raise CodecError(name, f"a TIFF with {spp} band{'s' if spp != 1 else ''} per pixel (photometric {ptype}, "
+                               f"{declared}) is not supported; {hint}")
+    if page.imagedepth > 1:
+        raise CodecError(name, f"volumetric TIFF (depth {page.imagedepth}) is not supported")
+    if page.dtype not in (np.uint8, np.uint16):
+        raise CodecError(name, f"unsupported TIFF sample type {page.dtype} ({page.bitspersample}-bit)")
+    return colour, alpha, alpha and extras[0] == tifffile.EXTRASAMPLE.ASSOCALPHA
+
+
 def _decode_tiff(data: bytes, name: str) -> DecodedImage:
     with tifffile.TiffFile(io.BytesIO(data)) as tif:
-        pages, bit_depth, mode = [], 8, "L"
+        # every page's layout is checked from its tags before any pixel is decoded
+        layouts = [(_tiff_layout(page, name), page.imagewidth, page.imagelength, page.dtype) for page in tif.pages]
+        if len(set(layouts)) > 1:
+            raise CodecError(name, "multi-page TIFF with pages of different sizes or layouts is not supported")
+        (colour, has_alpha, associated), _, _, dtype = layouts[0]
+        pages = []
         for page in tif.pages:
             array = page.asarray()
-            if array.dtype not in (np.uint8, np.uint16):
-                raise CodecError(name, f"unsupported TIFF sample type {array.dtype}")
             if page.planarconfig == tifffile.PLANARCONFIG.SEPARATE and array.ndim == 3:
                 array = np.moveaxis(array, 0, -1)
-            pages.append(_split(array, name))
-            bit_depth = 16 if array.dtype == np.uint16 else 8
-        first = tif.pages[0]
-        mode = _mode_name(pages[0].samples.shape[2], pages[0].alpha is not None, bit_depth)
+            decoded = _split(array, name)
+            if page.photometric == tifffile.PHOTOMETRIC.MINISWHITE:  # stored inverted: 0 is white
+                decoded.samples = np.subtract((1 << int(page.bitspersample)) - 1, decoded.samples,
+                                              dtype=decoded.samples.dtype)
+            pages.append(decoded)
+        bit_depth = 16 if dtype == np.uint16 else 8
+        first = tif.pages.first
+        mode = _mode_name(colour, has_alpha, bit_depth)
         tags = [(t.code, t.dtype, t.count, t.value) for t in first.tags.values() if t.code in GEOTIFF_TAGS]
         resolution = None
         if "XResolution" in first.tags and "YResolution" in first.tags:
             unit = first.tags["ResolutionUnit"].value if "ResolutionUnit" in first.tags else 2
             resolution = (first.tags["XResolution"].value, first.tags["YResolution"].value, int(unit))
         icc = first.tags["InterColorProfile"].value if "InterColorProfile" in first.tags else None
-    if len({(p.samples.shape, p.alpha is None) for p in pages}) > 1:
-        raise CodecError(name, "multi-page TIFF with pages of different sizes or layouts is not supported")
-    return DecodedImage(name, "TIFF", pages, bit_depth, mode, icc_profile=bytes(icc) if icc else None,
-                        tiff_tags=tags, tiff_resolution=resolution)
+    return DecodedImage(name, "TIFF", pages, bit_depth, mode, icc_profile=_matching_profile(icc, colour),
+                        tiff_tags=tags, tiff_resolution=resolution, associated_alpha=associated)
 
 
-def decode(data: bytes, name: str) -> DecodedImage:
-    """Decode an encoded image. Raises CodecError naming ``name`` and the reason."""
-    if not data:
-        raise CodecError(name, "empty file (0 bytes)")
-    try:
-        if data[:4] in (b"II*\x00", b"MM\x00*", b"II+\x00", b"MM\x00+"):
+# ---------------------------------------------------------------- decode
+
+def decode(data: bytes, name: str, max_pixels: int | None = DEFAULT_MAX_PIXELS) -> DecodedImage:
+    """Decode an encoded image. Raises CodecError naming ``name`` and the reason.
+
+    The header is probed first: an animation, or an image over ``max_pixels`` (width x height x
+    pages; None: no limit), is refused before any pixel is decoded.
+    """
+    header = probe(data, name)
+    is_tiff = data[:4] in TIFF_MAGIC
+    if not is_tiff and header.pages > 1:
+        raise CodecError(name, f"animated images are not supported ({header.pages} frames); "
+                               "extract the frame to restore, or convert to a multi-page TIFF")
+    _check_pixel_limit(header, name, max_pixels)
+    with _codec_errors(name):
+        if is_tiff:
             return _decode_tiff(data, name)
-        with Image.open(io.BytesIO(data)) as im:
-            fmt = im.format
+        with _open_pillow(data, name, max_pixels) as im:
+            fmt = "JPEG" if im.format == "MPO" else im.format  # MPO: a JPEG with extra (preview) pictures
             if fmt not in EXTENSION_BY_FORMAT:
-                raise CodecError(name, f"unsupported image format {fmt}")
+                raise CodecError(name, f"unsupported image format {im.format}")
+            frames = 1 if im.format == "MPO" else int(getattr(im, "n_frames", 1))
+            if im.format != "MPO" and (frames > 1 or getattr(im, "is_animated", False)):
+                raise CodecError(name, f"animated images are not supported ({frames} frames); "
+                                       "extract the frame to restore, or convert to a multi-page TIFF")
             info = dict(im.info)
+            icc = info.get("icc_profile") or None
             if fmt == "PNG" and _png_bit_depth(data) == 16:
                 array = imagecodecs.png_decode(data)
             elif im.mode in ("I;16", "I;16B", "I;16L"):
                 array = np.asarray(im).astype(np.uint16)
+            elif im.mode == "CMYK":
+                converted, icc = _cmyk_to_rgb(im, icc)
+                array = np.asarray(converted)
             else:
-                target = {"1": "L", "P": "RGBA" if "transparency" in info else "RGB", "CMYK": "RGB",
+                target = {"1": "L", "P": "RGBA" if "transparency" in info else "RGB",
                           "YCbCr": "RGB", "PA": "RGBA", "I": "I;16"}.get(im.mode, im.mode)
                 if target not in ("L", "LA", "RGB", "RGBA", "I;16"):
                     raise CodecError(name, f"unsupported image mode {im.mode}")
@@ -166,18 +417,12 @@ def decode(data: bytes, name: str) -> DecodedImage:
                 if target == "I;16":
                     array = array.astype(np.uint16)
             dpi = info.get("dpi")
-    except CodecError:
-        raise
-    except (UnidentifiedImageError, tifffile.TiffFileError) as exc:
-        raise CodecError(name, "not a recognised image (unknown or corrupt header)") from exc
-    except (OSError, SyntaxError, ValueError, EOFError, struct.error, imagecodecs.PngError) as exc:
-        raise CodecError(name, f"corrupt or truncated image data ({exc})") from exc
     page = _split(np.ascontiguousarray(array), name)
     bit_depth = 16 if array.dtype == np.uint16 else 8
     exif = info.get("exif")
-    return DecodedImage(name, fmt, [page], bit_depth,
-                        _mode_name(page.samples.shape[2], page.alpha is not None, bit_depth),
-                        icc_profile=info.get("icc_profile") or None, exif=exif or None,
+    channels = page.samples.shape[2]
+    return DecodedImage(name, fmt, [page], bit_depth, _mode_name(channels, page.alpha is not None, bit_depth),
+                        icc_profile=_matching_profile(icc, channels), exif=exif or None,
                         dpi=tuple(float(v) for v in dpi) if dpi else None)
 
 
@@ -222,7 +467,9 @@ def encode(image: DecodedImage, restored: list[Page], fmt: str | None = None) ->
         buffer = io.BytesIO()
         with tifffile.TiffWriter(buffer, bigtiff=sum(a.nbytes for a in arrays) > 2**32 - 2**25) as writer:
             for i, array in enumerate(arrays):
-                extras = "unassalpha" if restored[i].alpha is not None else None
+                extras = None
+                if restored[i].alpha is not None:
+                    extras = "assocalpha" if image.associated_alpha else "unassalpha"
                 resolution = image.tiff_resolution
                 if resolution is None and image.dpi:
                     resolution = (image.dpi[0], image.dpi[1], 2)

@@ -22,6 +22,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import models
+from models import TASKS
 from models.cards import ModelCard
 
 from .codecs import DecodedImage, Page
@@ -30,13 +31,16 @@ from .tiling import StripeBlender, Tile, TileGrid
 log = logging.getLogger(__name__)
 
 Precision = Literal["auto", "fp32", "bf16", "fp16"]
-TASKS = ("denoise", "enhance", "sr", "deblur")
 CPU_TILE = 512
 MIN_TILE = 64
 
 
 class EngineError(ValueError):
     """The model and the request do not fit (task, scale, channels, precision)."""
+
+
+class NonFiniteOutputError(EngineError):
+    """The model produced NaN/inf for an input: its weights or the precision do not suit it."""
 
 
 @dataclass(frozen=True)
@@ -65,24 +69,70 @@ class ModelSpec:
     fp16_safe: bool = False
     sha256: str | None = None
     extra: dict[str, Any] = field(default_factory=dict)
+    card: str | None = None  # the registered card it came from, if any
+    data: bytes | None = field(default=None, repr=False)  # the checkpoint's bytes, for a file or URL
 
     @property
     def in_channels(self) -> int:
         return int(self.module.conv_in.weight.shape[1])
 
+    def reference(self) -> "ModelRef":
+        """A small, picklable handle from which a replica loads exactly these weights."""
+        return ModelRef(self.name, self.task, self.scale, self.sha256, self.card)
+
+
+@dataclass(frozen=True)
+class ModelRef:
+    """The model a driver resolved and checked: a card name, or a checkpoint's bytes (passed separately)."""
+
+    name: str
+    task: str
+    scale: int
+    sha256: str | None
+    card: str | None = None
+
+
+def load_reference(ref: ModelRef, data: bytes | None = None) -> ModelSpec:
+    """Load the model behind ``ref`` (a card's weights, or ``data``), insisting on its sha256."""
+    if ref.card is not None:
+        spec = spec_from_card(models.get(ref.card))
+    else:
+        if data is None:
+            raise EngineError(f"model {ref.name!r}: no checkpoint bytes were passed to the replica")
+        spec = spec_from_checkpoint(ref.name, data, ref.task, ref.scale)
+    if spec.sha256 != ref.sha256:
+        raise EngineError(f"model {ref.name!r}: sha256 {spec.sha256} differs from the driver's {ref.sha256}")
+    return spec
+
 
 def spec_from_card(card: ModelCard) -> ModelSpec:
     module = card.load()
     return ModelSpec(module, card.name, card.task, card.scale, card.size_multiple, card.bf16_safe,
-                     card.fp16_safe, module.checkpoint.get("sha256"))
+                     card.fp16_safe, module.checkpoint.get("sha256"), card=card.name)
+
+
+def spec_from_checkpoint(name: str, data: bytes, task: str | None, scale: int | None) -> ModelSpec:
+    """A model from a checkpoint file's bytes; ``name`` is the path or URL the user gave."""
+    module = models.load(name, data=data)
+    info = module.checkpoint
+    model_task = info.get("task") or task
+    if model_task is None:
+        raise EngineError(f"{name}: the checkpoint does not record its task; pass --task")
+    model_scale = int(info.get("scale") or scale or 1)
+    if model_task == "sr" and model_scale == 1:
+        raise EngineError(f"{name}: the checkpoint does not record its super-resolution scale; pass --scale")
+    return ModelSpec(module, name, model_task, model_scale, int(getattr(module, "size_multiple", 4)),
+                     bool(info.get("bf16_safe", True)), bool(info.get("fp16_safe", False)), info["sha256"],
+                     data=data)
 
 
 def resolve_model(model: str | None, task: str | None, scale: int | None = None,
                   storage_options: dict[str, Any] | None = None) -> ModelSpec:
     """Find the model for a request: a card name, a checkpoint path/URL, or the task's default.
 
-    Raises EngineError when the model cannot do the task, and models.NoWeightsError when
-    the task has no trained weights.
+    A checkpoint is fetched once; its bytes stay on the spec so that replicas load
+    exactly what was checked here. Raises EngineError when the model cannot do the
+    task, and models.NoWeightsError when the task has no trained weights.
     """
     if task is not None and task not in TASKS:
         raise EngineError(f"unknown task {task!r}; choose one of {', '.join(TASKS)}")
@@ -93,15 +143,9 @@ def resolve_model(model: str | None, task: str | None, scale: int | None = None,
     elif (card := models.lookup(model)) is not None:
         spec = spec_from_card(card)
     else:
-        module = models.load(model, storage_options=storage_options)
-        info = module.checkpoint
-        model_task = info.get("task") or task
-        if model_task is None:
-            raise EngineError(f"{model}: the checkpoint does not record its task; pass --task")
-        spec = ModelSpec(module, info.get("name") or model.rsplit("/", 1)[-1], model_task,
-                         int(info.get("scale") or scale or 1), int(getattr(module, "size_multiple", 4)),
-                         bool(info.get("bf16_safe", True)), bool(info.get("fp16_safe", False)),
-                         info["sha256"])
+        from models.checkpoints import read_bytes
+
+        spec = spec_from_checkpoint(model, read_bytes(model, storage_options), task, scale)
     if task is not None and spec.task != task:
         raise EngineError(f"model {spec.name!r} restores {spec.task!r}, not {task!r}")
     if scale is not None and spec.task == "sr" and spec.scale != scale:
@@ -132,6 +176,18 @@ def resize_bicubic(array: np.ndarray, height: int, width: int, peak: float | Non
     return y[0].permute(1, 2, 0).clamp_(0, 1 if peak else float("inf")).numpy()
 
 
+def check_settings(spec: ModelSpec, settings: EngineSettings) -> None:
+    """Refuse settings that cannot work with ``spec`` (checked on the driver before any work)."""
+    if spec.task == "sr" and settings.scale not in (None, spec.scale):
+        raise EngineError(f"model {spec.name!r} is trained for x{spec.scale}, not x{settings.scale}")
+    if settings.overlap < 0 or (settings.batch_size is not None and settings.batch_size < 1):
+        raise EngineError("overlap must be >= 0 and batch size >= 1")
+    if settings.tile is not None and settings.overlap * 2 >= max(settings.tile, MIN_TILE):
+        raise EngineError(f"overlap {settings.overlap} must be less than half the tile size {settings.tile}")
+    if settings.precision == "fp16" and not spec.fp16_safe:
+        log.warning("model %s is not marked fp16-safe; outputs are checked for NaN/inf", spec.name)
+
+
 class Restorer:
     """Restores images with one model; safe to reuse across many images."""
 
@@ -140,12 +196,9 @@ class Restorer:
         self.settings = settings
         self.device = pick_device(settings.device)
         self.dtype = pick_dtype(settings.precision, self.device, spec)
-        if spec.task == "sr" and settings.scale not in (None, spec.scale):
-            raise EngineError(f"model {spec.name!r} is trained for x{spec.scale}, not x{settings.scale}")
+        check_settings(spec, settings)
         self.scale = spec.scale if spec.task == "sr" else 1
         self.batch_size = settings.batch_size or (8 if self.device.type == "cuda" else 1)
-        if settings.overlap < 0 or self.batch_size < 1:
-            raise EngineError("overlap must be >= 0 and batch size >= 1")
         self.model = spec.module.to(self.device).eval()
         if self.device.type == "cuda":
             self.model = self.model.to(memory_format=torch.channels_last)
@@ -203,7 +256,14 @@ class Restorer:
             batch = batch.contiguous(memory_format=torch.channels_last)
         with torch.inference_mode(), self._autocast():
             out = self.model(batch)
-        return out[..., :h, :w].float()
+        out = out[..., :h, :w].float()
+        if not bool(torch.isfinite(out).all()):  # never let NaN/inf pass as black or white pixels
+            bad = int((~torch.isfinite(out)).sum())
+            precision = str(self.dtype).split(".")[-1]
+            raise NonFiniteOutputError(
+                f"model {self.spec.name!r} output holds NaN/inf values (non-finite: {bad} of {out.numel()} "
+                f"at {precision}); the weights or the precision (--precision) are unsuitable for this input")
+        return out
 
     def restore_tensor(self, x: torch.Tensor) -> torch.Tensor:
         """Whole-image restoration of an NCHW float tensor in [0, 1] (no tiling)."""
@@ -278,7 +338,7 @@ class Restorer:
         x = torch.from_numpy(arrays).permute(0, 3, 1, 2).to(self.device, non_blocking=True)
         if x.shape[1] == 1 and self.spec.in_channels == 3:
             x = x.expand(-1, 3, -1, -1)
-        y = self._forward(x)
+        y = self._forward(x)  # raises NonFiniteOutputError on NaN/inf output
         if arrays.shape[3] == 1 and y.shape[1] == 3:
             y = y.mean(dim=1, keepdim=True)
         return list(y.permute(0, 2, 3, 1).cpu().numpy())

@@ -9,12 +9,13 @@ from . import codecs
 from .data import to_rgb_float
 from .engine import EngineSettings, Restorer, resize_bicubic, resolve_model
 from .metrics import score
-from .plan import looks_like_image_file, split_file_url
+from .formats import format_of_name
+from .plan import split_file_url
 from .storage import Storage
 
 
 def _pairs(input_url: str, target_url: str, options: dict[str, Any]) -> list[tuple[Storage, str, Storage, str]]:
-    if looks_like_image_file(input_url):
+    if format_of_name(input_url) is not None:
         (i_dir, i_key), (t_dir, t_key) = split_file_url(input_url), split_file_url(target_url)
         return [(Storage(i_dir, options), i_key, Storage(t_dir, options), t_key)]
     inputs, targets = Storage(input_url, options), Storage(target_url, options)

@@ -14,7 +14,7 @@ from dataclasses import dataclass, replace
 from typing import Any, Callable, Iterator
 
 from . import stages
-from .engine import Restorer, resolve_model
+from .engine import ModelRef, ModelSpec, Restorer, load_reference, resolve_model
 from .plan import WorkItem
 from .stages import JobSpec, Row
 from .storage import forwarded_env
@@ -40,6 +40,7 @@ def connect(options: ClusterOptions) -> None:
 
     if ray.is_initialized():
         return
+    os.environ.setdefault("RAY_BACKEND_LOG_LEVEL", "fatal")  # core-worker notices are not the job's output
     # Keep Ray's own chatter out of the job's output (the job reports per image itself).
     warnings.filterwarnings("ignore", module=r"ray(\.|$)")
     address = options.address or os.environ.get("RAY_ADDRESS")
@@ -55,17 +56,20 @@ def connect(options: ClusterOptions) -> None:
 
 
 class RestoreReplica:
-    """One model replica: loads the model once, restores batches of decoded images."""
+    """One model replica: loads the driver's model once, restores batches of decoded images.
 
-    def __init__(self, spec: JobSpec, threads: int, device: str | None) -> None:
+    ``data`` holds, for a checkpoint file, one object-store reference to the bytes the
+    driver read and checked; the replica loads those and checks their sha256 again.
+    """
+
+    def __init__(self, spec: JobSpec, ref: ModelRef, data: list[Any], threads: int, device: str | None) -> None:
         import ray
         import torch
 
         torch.set_num_threads(max(threads, 1))
         self.node = ray.get_runtime_context().get_node_id()
         settings = spec.settings if device is None else replace(spec.settings, device=device)
-        self.restorer = Restorer(resolve_model(spec.model, spec.task, spec.scale,
-                                               spec.source.options), settings)
+        self.restorer = Restorer(load_reference(ref, ray.get(data[0]) if data else None), settings)
 
     def __call__(self, batch: dict[str, Any]) -> dict[str, Any]:
         rows = stages.restore(stages.unpack(batch), self.restorer)
@@ -81,6 +85,11 @@ def _per_row(fn: Callable[[Row], Row]) -> Callable[[dict[str, Any]], dict[str, A
     return apply
 
 
+def cpu_replica_threads(cpus: int) -> int:
+    """Torch threads of one CPU replica: 1 on small machines, 4 on larger ones."""
+    return 1 if cpus <= 4 else 4
+
+
 def pool_shape(options: ClusterOptions) -> dict[str, Any]:
     """How many replicas, with which resources, from the cluster's resources."""
     import ray
@@ -93,17 +102,24 @@ def pool_shape(options: ClusterOptions) -> dict[str, Any]:
     if use_gpus > 0:
         return {"size": use_gpus, "num_gpus": 1, "num_cpus": 1, "threads": 1, "device": "cuda", "in_flight": 2}
     cpus = int(resources.get("CPU", 1))
-    per = options.cpus_per_replica or (1 if cpus <= 4 else 4)
+    per = options.cpus_per_replica or cpu_replica_threads(cpus)
     size = options.replicas or max(1, cpus // per)
     # One batch in flight per CPU replica: a busy replica never queues work an idle one could take.
     return {"size": size, "num_gpus": 0, "num_cpus": per * CPU_REPLICA_SHARE, "threads": per, "device": "cpu",
             "in_flight": 1}
 
 
-def run_graph(spec: JobSpec, items: list[WorkItem], options: ClusterOptions) -> Iterator[Row]:
-    """Run the job on Ray and yield each image's finished row as it completes."""
+def run_graph(spec: JobSpec, items: list[WorkItem], options: ClusterOptions, model: ModelSpec | None = None,
+              on_phase: Callable[[str], None] = lambda text: None) -> Iterator[Row]:
+    """Run the job on Ray and yield each image's finished row as it completes.
+
+    ``model`` is the driver's resolved model (resolved here if not given); it is
+    fetched once, and every replica loads exactly its bytes.
+    """
     import ray.data
 
+    model = model or resolve_model(spec.model, spec.task, spec.scale, spec.source.options)
+    on_phase("starting Ray" if not (options.address or os.environ.get("RAY_ADDRESS")) else "connecting to Ray")
     connect(options)
     ctx = ray.data.DataContext.get_current()
     ctx.execution_options.preserve_order = False
@@ -111,6 +127,8 @@ def run_graph(spec: JobSpec, items: list[WorkItem], options: ClusterOptions) -> 
     ctx.print_on_execution_start = False
     shape = pool_shape(options)
     log.info("restoring with %d replica(s): %s", shape["size"], shape)
+    on_phase(f"starting {shape['size']} replica(s), loading the model")
+    data = [ray.put(model.data)] if model.data is not None else []
     seed = [{"row": r} for r in stages.pack([{"key": i.key, "output_key": i.output_key} for i in items])["row"]]
     per_batch = max(1, options.images_per_batch)
     blocks = max(1, min(len(items), len(items) // per_batch + 1, 1000))
@@ -120,7 +138,8 @@ def run_graph(spec: JobSpec, items: list[WorkItem], options: ClusterOptions) -> 
     ds = ds.map_batches(RestoreReplica, batch_size=per_batch,
                         compute=ray.data.ActorPoolStrategy(size=shape["size"],
                                                            max_tasks_in_flight_per_actor=shape["in_flight"]),
-                        fn_constructor_kwargs={"spec": spec, "threads": shape["threads"], "device": shape["device"]},
+                        fn_constructor_kwargs={"spec": spec, "ref": model.reference(), "data": data,
+                                               "threads": shape["threads"], "device": shape["device"]},
                         num_gpus=shape["num_gpus"], num_cpus=shape["num_cpus"])
     ds = ds.map_batches(_per_row(lambda row: stages.finish(stages.write(row, spec), spec)), batch_size=1,
                         num_cpus=LIGHT_TASK_CPUS)

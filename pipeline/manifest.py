@@ -17,6 +17,7 @@ import pyarrow.parquet as pq
 from .storage import Storage, with_retries
 
 MANIFEST_DIR = "_manifest"
+CLAIMS_DIR = "_manifest_claims"  # output keys each run set out to write, recorded before its first image
 SCHEMA = pa.schema([
     ("key", pa.string()),
     ("output_key", pa.string()),
@@ -83,17 +84,35 @@ class ManifestWriter:
         self.last_flush = time.monotonic()
 
 
-def read_manifest(output: Storage) -> pa.Table:
-    """All manifest rows under ``output`` (an empty table if there are none)."""
-    folder = output.path(MANIFEST_DIR)
+def write_claim(output: Storage, run_id: str, output_keys: Iterable[str]) -> None:
+    """Record the outputs a run is about to write, so that a rerun after a crash knows them as its own."""
+    sink = io.BytesIO()
+    pq.write_table(pa.table({"output_key": pa.array(list(output_keys), pa.string())}), sink)
+    output.write(f"{CLAIMS_DIR}/claim-{run_id}.parquet", sink.getvalue())
+
+
+def claimed_outputs(output: Storage) -> set[str]:
+    """Every output key that some run into ``output`` claimed or recorded."""
+    keys = set(read_manifest(output).column("output_key").to_pylist())
+    for data in _parquet_parts(output, CLAIMS_DIR):
+        keys.update(pq.read_table(io.BytesIO(data)).column("output_key").to_pylist())
+    keys.discard(None)
+    return keys
+
+
+def _parquet_parts(output: Storage, folder_key: str) -> list[bytes]:
+    folder = output.path(folder_key)
+    output.fs.invalidate_cache(folder)
     try:
         paths = [p for p in output.fs.find(folder) if p.endswith(".parquet")]
     except FileNotFoundError:
         paths = []
-    tables = []
-    for path in sorted(paths):
-        data = with_retries(lambda: output.fs.cat_file(path), f"read {path}")
-        tables.append(pq.read_table(io.BytesIO(data)).cast(SCHEMA))
+    return [with_retries(lambda path=path: output.fs.cat_file(path), f"read {path}") for path in sorted(paths)]
+
+
+def read_manifest(output: Storage) -> pa.Table:
+    """All manifest rows under ``output`` (an empty table if there are none)."""
+    tables = [pq.read_table(io.BytesIO(data)).cast(SCHEMA) for data in _parquet_parts(output, MANIFEST_DIR)]
     return pa.concat_tables(tables) if tables else SCHEMA.empty_table()
 
 

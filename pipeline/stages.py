@@ -32,6 +32,7 @@ class JobSpec:
     scale: int | None
     settings: EngineSettings
     out_format: str | None = None  # None: the input's format
+    max_pixels: int | None = None  # per image (all pages); None: codecs.DEFAULT_MAX_PIXELS
 
     def settings_json(self) -> str:
         return json.dumps({"task": self.task, "scale": self.scale, "format": self.out_format,
@@ -47,16 +48,24 @@ def fail(row: Row, exc: BaseException) -> Row:
     return row
 
 
+def add_seconds(row: Row, seconds: float) -> None:
+    """Charge processing time to the image (its manifest ``seconds``: work, not time spent queued)."""
+    row["seconds"] = (row.get("seconds") or 0.0) + seconds
+
+
 def guarded(stage: Callable[..., Row]) -> Callable[..., Row]:
-    """Run ``stage`` unless the row already failed; turn its exceptions into a failed row."""
+    """Run ``stage`` unless the row already failed; turn its exceptions into a failed row; time it."""
 
     def run(row: Row, *args: Any) -> Row:
         if row.get("status") == "failed":
             return row
+        start = time.perf_counter()
         try:
             return stage(row, *args)
         except Exception as exc:  # every error becomes the image's row, never the job's
             return fail(row, exc)
+        finally:
+            add_seconds(row, time.perf_counter() - start)
 
     run.__name__ = stage.__name__
     run.__doc__ = stage.__doc__
@@ -65,7 +74,6 @@ def guarded(stage: Callable[..., Row]) -> Callable[..., Row]:
 
 @guarded
 def read(row: Row, spec: JobSpec) -> Row:
-    row.setdefault("started", time.time())
     row["data"] = spec.source.read(row["key"])
     return row
 
@@ -74,7 +82,7 @@ def read(row: Row, spec: JobSpec) -> Row:
 def decode(row: Row, spec: JobSpec) -> Row:
     name = spec.source.display(row["key"])
     fmt = spec.out_format or codecs.format_for(row["key"])
-    image = codecs.decode(row.pop("data"), name)
+    image = codecs.decode(row.pop("data"), name, max_pixels=spec.max_pixels or codecs.DEFAULT_MAX_PIXELS)
     if image.bit_depth == 16 and fmt not in ("PNG", "TIFF"):
         raise codecs.CodecError(name, f"16-bit image cannot be written as {fmt}; use --format png or tiff")
     row.update(image=image, width=image.width, height=image.height, mode=image.mode,
@@ -88,6 +96,7 @@ def restore(rows: list[Row], restorer: Restorer) -> list[Row]:
     If the batch fails, each image is retried alone so that only the bad one fails.
     """
     live = [r for r in rows if r.get("status") != "failed"]
+    start = time.perf_counter()
     try:
         results = restorer.restore_images([r["image"] for r in live]) if live else []
     except Exception:
@@ -98,10 +107,14 @@ def restore(rows: list[Row], restorer: Restorer) -> list[Row]:
             except Exception as exc:
                 fail(row, exc)
         live = [r for r in live if r.get("status") != "failed"]
+    elapsed = time.perf_counter() - start
     for row, pages in zip(live, results):
         row["restored"] = pages
         row["tiles"] = restorer.count_tiles(row["image"])
         row["model"], row["model_sha256"] = restorer.spec.name, restorer.spec.sha256
+    total_tiles = sum(r["tiles"] for r in live) or 1
+    for row in live:  # the batch's time, shared by the images' tile counts
+        add_seconds(row, elapsed * row["tiles"] / total_tiles)
     return rows
 
 
@@ -118,8 +131,6 @@ def write(row: Row, spec: JobSpec) -> Row:
 
 def finish(row: Row, spec: JobSpec) -> Row:
     """Fill the bookkeeping fields of a row leaving the pipeline."""
-    started = row.pop("started", None)
-    row["seconds"] = time.time() - started if started is not None else None
     row["settings"] = spec.settings_json()
     for name in PAYLOAD:
         row.pop(name, None)

@@ -20,10 +20,11 @@ import fsspec
 import pyarrow.parquet as pq
 from fsspec.implementations.local import LocalFileSystem
 
+from .formats import IMAGE_PATTERNS
+
 log = logging.getLogger(__name__)
 T = TypeVar("T")
 
-IMAGE_PATTERNS = ("*.png", "*.jpg", "*.jpeg", "*.tif", "*.tiff", "*.webp", "*.bmp")
 # Environment forwarded to Ray workers so they reach the same storage as the driver.
 FORWARDED_ENV = ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_DEFAULT_REGION",
                  "AWS_REGION", "AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3", "AWS_PROFILE",
@@ -68,13 +69,35 @@ def with_retries(action: Callable[[], T], what: str, attempts: int = 4, base_del
 
 
 def safe_relative_key(key: str) -> str:
-    """Normalise a relative key; refuse one that would escape its prefix."""
-    if not key or key.startswith("/") or "\\" in key or "://" in key:
+    """Return ``key`` unchanged if it maps to exactly one path below a prefix; else raise ValueError.
+
+    Keys are never normalised: ``a//b.png`` and ``a/./b.png`` are other objects than
+    ``a/b.png`` in an object store, so rewriting them would make two inputs share one
+    output. Such keys, absolute keys, ``..`` segments and backslashes are refused.
+    """
+    if not key or key.startswith("/") or "://" in key:
         raise ValueError(f"unsafe key {key!r}: keys must be relative paths")
-    norm = posixpath.normpath(key)
-    if norm == "." or norm.startswith("../") or norm == ".." or posixpath.isabs(norm):
-        raise ValueError(f"unsafe key {key!r}: it would escape the output prefix")
-    return norm
+    if "\\" in key:
+        raise ValueError(f"unsafe key {key!r}: a backslash is a path separator on some systems")
+    if any(ord(c) < 32 for c in key):
+        raise ValueError(f"unsafe key {key!r}: control characters")
+    parts = key.split("/")
+    if any(part in ("", ".", "..") for part in parts):
+        raise ValueError(f"unsafe key {key!r}: empty, '.' or '..' path segments cannot be mapped to one "
+                         "output path")
+    return key
+
+
+def matches(key: str, include: Iterable[str], exclude: Iterable[str] = ()) -> bool:
+    """Whether ``key`` (or its base name) matches an include glob and no exclude glob, case-insensitively."""
+    low = key.lower()
+    name = low.rsplit("/", 1)[-1]
+
+    def hit(patterns: Iterable[str]) -> bool:
+        return any(fnmatch.fnmatchcase(low, p.lower()) or fnmatch.fnmatchcase(name, p.lower()) for p in patterns)
+
+    include = list(include)
+    return (not include or hit(include)) and not hit(exclude)
 
 
 @dataclass
@@ -112,31 +135,66 @@ class Storage:
     def list(self, include: Iterable[str] = IMAGE_PATTERNS, exclude: Iterable[str] = ()) -> list[str]:
         """Relative keys of all files below the prefix that match ``include`` and not ``exclude``.
 
-        Patterns match the relative key or its base name, case-insensitively.
+        Patterns match the relative key or its base name, case-insensitively. Keys are
+        returned verbatim (see :func:`safe_relative_key`).
         """
         include, exclude = [p.lower() for p in include], [p.lower() for p in exclude]
         self.fs.invalidate_cache(self.root)  # another process may have written since the last listing
         found = with_retries(lambda: self.fs.find(self.root, withdirs=False), f"list {self.url}")
         keys = []
         for path in found:
-            key = path[len(self.root):].lstrip("/") if self.root else path
-            low = key.lower()
-            name = low.rsplit("/", 1)[-1]
-            if any(part.startswith("_manifest") or part.startswith(".") for part in key.split("/")[:-1]):
+            key = path[len(self.root) + 1:] if self.root and path.startswith(self.root + "/") else path
+            parts = key.split("/")
+            if any(part.startswith("_manifest") or part.startswith(".") for part in parts[:-1]):
                 continue
-            if name.startswith(".mirnet-tmp-"):
+            if parts[-1].startswith(".mirnet-tmp-"):
                 continue
-            if include and not any(fnmatch.fnmatchcase(low, p) or fnmatch.fnmatchcase(name, p) for p in include):
-                continue
-            if any(fnmatch.fnmatchcase(low, p) or fnmatch.fnmatchcase(name, p) for p in exclude):
-                continue
-            keys.append(key)
+            if matches(key, include, exclude):
+                keys.append(key)
         return sorted(keys)
+
+    def exists_prefix(self) -> bool:
+        """Whether the prefix exists (a folder, a bucket prefix with objects, or a file)."""
+        self.fs.invalidate_cache(self.root)
+        return with_retries(lambda: self.fs.exists(self.root), f"stat {self.url}")
 
     def read(self, key: str) -> bytes:
         path = self.path(key)
         self.fs.invalidate_cache(path)
         return with_retries(lambda: self.fs.cat_file(path), f"read {self.display(key)}")
+
+    def read_head(self, key: str, size: int) -> bytes:
+        """The first ``size`` bytes of an object (enough for an image header)."""
+        path = self.path(key)
+        return with_retries(lambda: self.fs.cat_file(path, start=0, end=size), f"read {self.display(key)}")
+
+    def check_writable(self, dry_run: bool = False) -> None:
+        """Raise PermissionError/StorageError now if objects cannot be written under the prefix.
+
+        A real run writes and removes a probe object; a dry run writes nothing and checks
+        what it can (a local folder's permissions, a bucket's existence).
+        """
+        if self.is_local:
+            folder = self.root
+            while not os.path.exists(folder):
+                folder = os.path.dirname(folder) or "/"
+            if not os.path.isdir(folder):
+                raise NotADirectoryError(f"{self.url}: {folder} is a file, not a folder")
+            if not os.access(folder, os.W_OK | os.X_OK):
+                raise PermissionError(f"{self.url}: no permission to write in {folder}")
+            if dry_run:
+                return
+        elif dry_run:
+            bucket = self.root.split("/", 1)[0]
+            if not with_retries(lambda: self.fs.exists(bucket), f"stat {bucket}"):
+                raise StorageError(f"{self.url}: bucket {bucket!r} does not exist or is not visible")
+            return
+        key = f"_manifest/.write-probe-{uuid.uuid4().hex}"
+        try:
+            self.write(key, b"")
+            with_retries(lambda: self.fs.rm_file(self.path(key)), f"remove {self.display(key)}")
+        except (PermissionError, NotADirectoryError, FileExistsError) as exc:
+            raise PermissionError(f"{self.url}: cannot write here ({exc})") from exc
 
     def exists(self, key: str) -> bool:
         path = self.path(key)
@@ -179,4 +237,4 @@ def read_key_list(url: str, options: dict[str, Any] | None = None) -> list[str]:
     else:
         keys = [line.strip() for line in data.decode("utf-8").splitlines()]
         keys = [k for k in keys if k and not k.startswith("#")]
-    return [safe_relative_key(k) for k in keys]
+    return keys  # checked per key by the plan: a bad key fails its own row

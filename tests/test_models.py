@@ -6,6 +6,7 @@ import os
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 import torch
 
@@ -225,3 +226,122 @@ def test_card_sha256_is_checked(tmp_path):
 def test_models_command_lists_cards():
     out = subprocess.run([sys.executable, "-m", "pipeline.cli", "models"], capture_output=True, text=True, check=True)
     assert "mirnet-paper" in out.stdout and "mirnet-v2-paper" in out.stdout
+
+
+# -- non-finite and implausible weights -------------------------------------------------------
+
+
+def small_v2() -> torch.nn.Module:
+    return models.build("mirnet_v2", n_feat=16, n_RRG=1, n_MRB=1)
+
+
+def test_project_checkpoint_with_a_nan_is_refused(tmp_path):
+    model = small_v2()
+    with torch.no_grad():
+        model.conv_out.weight[0, 0, 0, 0] = float("nan")
+    path = tmp_path / "nan.safetensors"
+    models.save(model, str(path), task="denoise")
+    with pytest.raises(CheckpointError, match=r"weights are not finite: 1 non-finite values .* in conv_out\.weight$"):
+        models.load(str(path))
+    with pytest.raises(CheckpointError, match="not finite"):
+        models.read_checkpoint(str(path))
+    card = models.ModelCard("nan-card", "mirnet_v2", {"n_feat": 16, "n_RRG": 1, "n_MRB": 1}, "denoise",
+                            weights=str(path))
+    with pytest.raises(CheckpointError, match="not finite"):
+        card.load()
+
+
+def test_project_checkpoint_scaled_by_1e30_is_refused(tmp_path):
+    model = small_v2()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.mul_(1e30)
+    path = tmp_path / "huge.safetensors"
+    models.save(model, str(path), task="denoise")
+    with pytest.raises(CheckpointError, match=r"implausible magnitudes \(max \|w\| = [0-9.]+e\+\d+ in \S+ "
+                                              r"\(and \d+ more tensors\)"):
+        models.load(str(path))
+
+
+def test_torch_file_with_inf_is_refused(tmp_path):
+    official = torch.load(CONFORMANCE / "mirnet_v2_small.pth", weights_only=True)
+    names = list(official["params"])
+    official["params"][names[3]][..., 0] = float("inf")
+    official["params"][names[7]].view(-1)[0] = float("-inf")
+    path = tmp_path / "inf.pth"
+    torch.save(official, path)
+    with pytest.raises(CheckpointError) as err:
+        models.load(str(path))
+    assert "weights are not finite" in str(err.value)
+    assert f"in {names[3]} (and 1 more tensors)" in str(err.value)
+    # bare state_dicts too
+    torch.save(official["params"], path)
+    with pytest.raises(CheckpointError, match="not finite"):
+        models.load(str(path), "mirnet_v2", n_feat=16)
+
+
+def test_shared_official_tensor_is_counted_once(tmp_path):
+    official = torch.load(CONFORMANCE / "mirnet_small.pth", weights_only=True)
+    state = official["state_dict"]
+    by_ptr: dict[int, list[str]] = {}
+    for k, v in state.items():
+        by_ptr.setdefault(v.data_ptr(), []).append(k)
+    shared = next(names for names in by_ptr.values() if len(names) > 1)
+    state[shared[0]].view(-1)[:2] = float("nan")
+    path = tmp_path / "shared.pth"
+    torch.save(official, path)
+    with pytest.raises(CheckpointError) as err:
+        models.load(str(path))
+    assert "2 non-finite values" in str(err.value) and "more tensors" not in str(err.value)
+
+
+def test_shipped_and_fixture_weights_pass_with_a_wide_margin():
+    """MIRNet weights are O(1); the bound sits orders of magnitude above them."""
+    paths = [str(p) for p in sorted(models.cards.WEIGHTS_DIR.glob("*.safetensors"))]
+    paths += [str(CONFORMANCE / f"{name}.pth") for name in FIXTURES]
+    assert len(paths) >= 3
+    for path in paths:
+        ckpt = models.read_checkpoint(path)
+        peak = max(float(t.abs().max()) for t in ckpt.state_dict.values() if t.is_floating_point())
+        assert peak < 10 <= models.checkpoints.MAX_ABS_WEIGHT / 1e4, (path, peak)
+
+
+# -- non-finite model outputs -------------------------------------------------------------------
+
+
+@pytest.fixture
+def nan_restorer(small_model):
+    from pipeline.engine import EngineSettings, ModelSpec, Restorer
+
+    module = models.load(small_model)
+    with torch.no_grad():  # poisoned after loading, past the loader's check
+        module.conv_out.weight[0, 0, 0, 0] = float("nan")
+    return Restorer(ModelSpec(module, "v2-nan", "denoise"), EngineSettings(tile=64, overlap=8))
+
+
+def tiny_image(name: str = "img.png"):
+    from pipeline.codecs import DecodedImage, Page
+
+    samples = np.random.default_rng(0).integers(0, 256, (48, 80, 3), dtype=np.uint8)
+    return DecodedImage(name, "PNG", [Page(samples)], 8, "RGB")
+
+
+def test_nan_output_raises_instead_of_black(nan_restorer):
+    from pipeline.engine import EngineError, NonFiniteOutputError
+
+    with pytest.raises(NonFiniteOutputError, match=r"NaN/inf values \(non-finite.*--precision") as err:
+        nan_restorer.restore_image(tiny_image())
+    assert isinstance(err.value, EngineError)
+    with pytest.raises(NonFiniteOutputError):
+        nan_restorer.restore_tensor(torch.rand(1, 3, 32, 32))
+
+
+def test_nan_output_marks_the_row_failed(nan_restorer):
+    from pipeline import stages
+
+    rows = [{"key": "a.png", "image": tiny_image("a.png")}, {"key": "b.png", "image": tiny_image("b.png")}]
+    out = stages.restore(rows, nan_restorer)
+    for row in out:
+        assert row["status"] == "failed" and "restored" not in row and "image" not in row
+        assert row["error_class"] == "NonFiniteOutputError"
+        assert "non-finite" in row["error_message"]

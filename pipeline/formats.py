@@ -1,0 +1,16 @@
+"""File formats the engine reads and writes, by extension and by CLI name (no heavy imports)."""
+from __future__ import annotations
+
+FORMAT_BY_EXTENSION = {
+    ".png": "PNG", ".jpg": "JPEG", ".jpeg": "JPEG", ".tif": "TIFF", ".tiff": "TIFF",
+    ".webp": "WEBP", ".bmp": "BMP",
+}
+EXTENSION_BY_FORMAT = {"PNG": ".png", "JPEG": ".jpg", "TIFF": ".tif", "WEBP": ".webp", "BMP": ".bmp"}
+FORMAT_BY_NAME = {fmt.lower(): fmt for fmt in EXTENSION_BY_FORMAT}  # --format png -> "PNG"
+IMAGE_PATTERNS = tuple(f"*{ext}" for ext in FORMAT_BY_EXTENSION)  # default listing filter
+
+
+def format_of_name(name: str) -> str | None:
+    """The format a file name's extension stands for, or None."""
+    ext = "." + name.rsplit(".", 1)[-1].lower() if "." in name.rsplit("/", 1)[-1] else ""
+    return FORMAT_BY_EXTENSION.get(ext)

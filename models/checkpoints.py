@@ -99,8 +99,11 @@ def _parse_torch(path: str, data: bytes) -> Checkpoint:
     try:
         obj = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as exc:
+        # torch's message advises retrying with weights_only=False, i.e. running the file's code: never repeat it.
+        detail = next((line.strip() for line in str(exc).splitlines() if "GLOBAL" in line or "Unsupported" in line),
+                      "")
         raise CheckpointError(path, "refused: the file holds Python objects or code that a weights-only load "
-                                    f"does not allow ({str(exc).splitlines()[0]})") from exc
+                                    "does not allow" + (f" ({detail})" if detail else "")) from exc
     except (RuntimeError, EOFError, ValueError, struct.error) as exc:
         raise CheckpointError(path, f"truncated or corrupt checkpoint ({str(exc).splitlines()[0]})") from exc
     if not isinstance(obj, dict):

@@ -91,9 +91,9 @@ def write_claim(output: Storage, run_id: str, output_keys: Iterable[str]) -> Non
     output.write(f"{CLAIMS_DIR}/claim-{run_id}.parquet", sink.getvalue())
 
 
-def claimed_outputs(output: Storage) -> set[str]:
-    """Every output key that some run into ``output`` claimed or recorded."""
-    keys = set(read_manifest(output).column("output_key").to_pylist())
+def claimed_outputs(output: Storage, manifest: pa.Table) -> set[str]:
+    """Every output key that some run into ``output`` claimed, or recorded in ``manifest`` (its rows)."""
+    keys = set(manifest.column("output_key").to_pylist())
     for data in _parquet_parts(output, CLAIMS_DIR):
         keys.update(pq.read_table(io.BytesIO(data)).column("output_key").to_pylist())
     keys.discard(None)

@@ -13,7 +13,7 @@ import posixpath
 from dataclasses import dataclass, field
 from typing import Any, Iterable
 
-from .formats import EXTENSION_BY_FORMAT, IMAGE_PATTERNS, format_of_name
+from .formats import EXTENSION_BY_FORMAT, FORMAT_BY_EXTENSION, IMAGE_PATTERNS, format_of_name
 from .manifest import claimed_outputs, latest_rows, read_manifest
 from .storage import Storage, matches, read_key_list, safe_relative_key
 
@@ -80,14 +80,10 @@ def check_no_overlap(source: Storage, output: Storage, include: list[str], exclu
     if src_root and not dst_root.startswith(src_root + "/"):
         return
     inside = dst_root[len(src_root):].lstrip("/")
-    probes = [f"{inside}/restored{ext}" for ext in ("", *format_extensions())]
+    probes = [f"{inside}/restored{ext}" for ext in ("", *FORMAT_BY_EXTENSION)]
     if any(matches(p, include, exclude) for p in probes):
         raise PlanError(f"DST {output.url} lies inside SRC {source.url}: its outputs would be read back as inputs "
                         f"on the next run; choose a destination outside SRC or add --exclude '{inside}/*'")
-
-
-def format_extensions() -> list[str]:
-    return [pattern.lstrip("*") for pattern in IMAGE_PATTERNS]
 
 
 def check_destination(output: Storage) -> None:
@@ -131,12 +127,12 @@ def make_plan(src: str, dst: str, *, storage_options: dict[str, Any] | None = No
             items.append(WorkItem(key, single_output or output_key_for(key, out_format)))
         except ValueError as exc:
             items.append(WorkItem(key, "", error=str(exc)))
-    table = read_manifest(output)
-    existing = set(output.list(include=["*"])) if output.exists_prefix() else set()
     if overwrite:
         return Plan(source, output, items, out_format=out_format)
+    table = read_manifest(output)
+    existing = set(output.list(include=["*"])) if output.exists_prefix() else set()
     latest = latest_rows(table)
-    ours = claimed_outputs(output) if existing else set()
+    ours = claimed_outputs(output, table) if existing else set()
     todo, skipped, retried = [], [], 0
     for item in items:
         row = latest.get(item.key)

@@ -153,7 +153,7 @@ def restore(src: str, dst: str, task: str | None, model: str | None, scale: str 
                    f"{len(plan.refused)} refused, {len(plan.skipped)} skipped; model {resolved.name} "
                    f"({resolved.task}{f' x{resolved.scale}' if resolved.task == 'sr' else ''})", err=True)
         return
-    chosen, why = choose_executor(plan, executor, address)
+    chosen, why = choose_executor(plan, executor, address, max_pixels)
     if chosen == "inline" and executor == "auto" and len(plan.runnable) > 1:
         say(why)
     cluster = ClusterOptions(address=address, num_gpus=num_gpus, replicas=replicas,

@@ -93,19 +93,31 @@ SMALL_JOB_MEGAPIXELS = 6.0
 HEADER_BYTES = 1 << 18
 
 
-def job_megapixels(plan: Plan) -> float:
-    """Megapixels of the plan's inputs, from their headers (an unreadable header counts as 1 MP)."""
+def job_megapixels(plan: Plan, max_pixels: int | None = None) -> float:
+    """Megapixels of the plan's runnable inputs, from their headers.
+
+    An image whose header is refused (corrupt, or over ``max_pixels``) will fail at once
+    without work, so it counts 0; one whose header cannot be read from its first bytes
+    counts 1 MP.
+    """
+    limit = max_pixels or codecs.DEFAULT_MAX_PIXELS
+
     def one(item: WorkItem) -> float:
         try:
-            return codecs.probe(plan.source.read_head(item.key, HEADER_BYTES), item.key).pixels / 1e6
+            head = plan.source.read_head(item.key, HEADER_BYTES)
         except Exception:
             return 1.0
+        try:
+            return codecs.probe(head, item.key, max_pixels=limit).pixels / 1e6
+        except codecs.CodecError:
+            return 0.0
 
     with ThreadPoolExecutor(max_workers=8) as pool:
         return sum(pool.map(one, plan.runnable))
 
 
-def choose_executor(plan: Plan, requested: str, address: str | None) -> tuple[str, str]:
+def choose_executor(plan: Plan, requested: str, address: str | None,
+                    max_pixels: int | None = None) -> tuple[str, str]:
     """``inline`` or ``ray``, and why. ``auto`` takes Ray for a cluster or a big job."""
     if requested != "auto":
         return requested, f"--executor {requested}"
@@ -116,7 +128,7 @@ def choose_executor(plan: Plan, requested: str, address: str | None) -> tuple[st
         return "inline", "one image"
     if count > SMALL_JOB_IMAGES:
         return "ray", f"{count} images"
-    megapixels = job_megapixels(plan)
+    megapixels = job_megapixels(plan, max_pixels)
     if megapixels > SMALL_JOB_MEGAPIXELS:
         return "ray", f"{count} images, {megapixels:.1f} MP"
     return "inline", (f"small job ({count} images, {megapixels:.1f} MP): restoring in this process, "
@@ -248,6 +260,6 @@ def restore_job(src: str, dst: str, *, executor: str = "auto", cluster: ClusterO
                 fail_fast: bool = False, quiet: bool = False, **options: Any) -> tuple[Plan, JobResult]:
     """Plan and run a job end to end (the Python face of ``mirnet restore``); ``options`` as for prepare_job."""
     plan, spec, resolved = prepare_job(src, dst, **options)
-    chosen, _ = choose_executor(plan, executor, cluster.address)
+    chosen, _ = choose_executor(plan, executor, cluster.address, spec.max_pixels)
     return plan, execute(plan, spec, executor=chosen, cluster=cluster, fail_fast=fail_fast, quiet=quiet,
                          model=resolved)

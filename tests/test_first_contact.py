@@ -4,6 +4,7 @@ from __future__ import annotations
 import subprocess
 import sys
 import time
+import zlib
 from pathlib import Path
 
 import numpy as np
@@ -54,6 +55,22 @@ def test_auto_executor_takes_the_small_path_and_ray_when_asked(tmp_path, monkeyp
     monkeypatch.setattr(runner_module, "SMALL_JOB_IMAGES", 2)
     chosen, why = runner_module.choose_executor(plan, "auto", None)
     assert chosen == "ray" and why == "3 images"
+
+
+def test_a_bomb_or_broken_file_does_not_push_a_small_job_onto_ray(tmp_path, monkeypatch):
+    """Images refused from their header fail at once; they do not count as work."""
+    write_photos(tmp_path / "in", 2)
+    png = (tmp_path / "in" / "p0.png").read_bytes()
+    ihdr = bytearray(png[:33])
+    ihdr[16:24] = (60000).to_bytes(4, "big") * 2
+    ihdr[29:33] = zlib.crc32(bytes(ihdr[12:29])).to_bytes(4, "big")
+    (tmp_path / "in" / "bomb.png").write_bytes(bytes(ihdr) + png[33:])
+    (tmp_path / "in" / "empty.png").write_bytes(b"")
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    plan = make_plan(str(tmp_path / "in"), str(tmp_path / "out"))
+    assert runner_module.job_megapixels(plan) == 2 * 48 * 48 / 1e6
+    assert runner_module.choose_executor(plan, "auto", None)[0] == "inline"
+    assert runner_module.job_megapixels(plan, max_pixels=60000 * 60000) > 3000  # under a raised limit it counts
 
 
 def test_small_path_says_so_and_matches_the_ray_path_on_the_samples(tmp_path, ray_runtime):

@@ -40,7 +40,6 @@ def connect(options: ClusterOptions) -> None:
 
     if ray.is_initialized():
         return
-    os.environ.setdefault("RAY_BACKEND_LOG_LEVEL", "fatal")  # core-worker notices are not the job's output
     # Keep Ray's own chatter out of the job's output (the job reports per image itself).
     warnings.filterwarnings("ignore", module=r"ray(\.|$)")
     address = options.address or os.environ.get("RAY_ADDRESS")

@@ -98,7 +98,7 @@ def make_plan(src: str, dst: str, *, storage_options: dict[str, Any] | None = No
     """List the inputs and decide, from the manifest and the existing outputs, what to do."""
     options = storage_options or {}
     source = Storage(src, options)
-    include_list, exclude_list = [p.lower() for p in include] or list(IMAGE_PATTERNS), [p.lower() for p in exclude]
+    include_list, exclude_list = list(include) or list(IMAGE_PATTERNS), list(exclude)
     single_output: str | None = None
     if keys_from is None and source.is_file():
         folder, name = split_file_url(src)

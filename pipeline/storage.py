@@ -138,7 +138,6 @@ class Storage:
         Patterns match the relative key or its base name, case-insensitively. Keys are
         returned verbatim (see :func:`safe_relative_key`).
         """
-        include, exclude = [p.lower() for p in include], [p.lower() for p in exclude]
         self.fs.invalidate_cache(self.root)  # another process may have written since the last listing
         found = with_retries(lambda: self.fs.find(self.root, withdirs=False), f"list {self.url}")
         keys = []
@@ -149,7 +148,7 @@ class Storage:
                 continue
             if parts[-1].startswith(".mirnet-tmp-"):
                 continue
-            if matches(key, include, exclude):
+            if matches(key, include, exclude):  # case-insensitive
                 keys.append(key)
         return sorted(keys)
 

@@ -238,6 +238,18 @@ def _webp_header(data: bytes, name: str) -> ImageHeader:
     return ImageHeader(width, height, pages, bands)
 
 
+def _pillow_format(im: Image.Image, name: str) -> tuple[str, int]:
+    """(format, frame count) of an opened Pillow image; CodecError for a format we do not write.
+
+    MPO (a JPEG with extra preview pictures) is read as its primary JPEG picture.
+    """
+    if im.format == "MPO":
+        return "JPEG", 1
+    if im.format not in EXTENSION_BY_FORMAT:
+        raise CodecError(name, f"unsupported image format {im.format}")
+    return im.format, int(getattr(im, "n_frames", 1))
+
+
 def probe(data: bytes, name: str, max_pixels: int | None = None) -> ImageHeader:
     """Read an image's header only (no pixel is decoded); ``data`` may be a prefix of the file.
 
@@ -259,10 +271,7 @@ def probe(data: bytes, name: str, max_pixels: int | None = None) -> ImageHeader:
             header = _webp_header(data, name)
         else:
             with _open_pillow(data, name, max_pixels) as im:
-                fmt = "JPEG" if im.format == "MPO" else im.format
-                if fmt not in EXTENSION_BY_FORMAT:
-                    raise CodecError(name, f"unsupported image format {im.format}")
-                frames = 1 if im.format == "MPO" else int(getattr(im, "n_frames", 1))
+                _, frames = _pillow_format(im, name)
                 header = ImageHeader(im.width, im.height, frames, len(im.getbands()))
     _check_pixel_limit(header, name, max_pixels)
     return header
@@ -391,13 +400,7 @@ def decode(data: bytes, name: str, max_pixels: int | None = DEFAULT_MAX_PIXELS) 
         if is_tiff:
             return _decode_tiff(data, name)
         with _open_pillow(data, name, max_pixels) as im:
-            fmt = "JPEG" if im.format == "MPO" else im.format  # MPO: a JPEG with extra (preview) pictures
-            if fmt not in EXTENSION_BY_FORMAT:
-                raise CodecError(name, f"unsupported image format {im.format}")
-            frames = 1 if im.format == "MPO" else int(getattr(im, "n_frames", 1))
-            if im.format != "MPO" and (frames > 1 or getattr(im, "is_animated", False)):
-                raise CodecError(name, f"animated images are not supported ({frames} frames); "
-                                       "extract the frame to restore, or convert to a multi-page TIFF")
+            fmt, _ = _pillow_format(im, name)  # frames were counted (and animations refused) by the probe
             info = dict(im.info)
             icc = info.get("icc_profile") or None
             if fmt == "PNG" and _png_bit_depth(data) == 16:

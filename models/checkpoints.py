@@ -16,6 +16,7 @@ from __future__ import annotations
 import hashlib
 import io
 import json
+import math
 import pickle
 import struct
 from collections import defaultdict
@@ -141,12 +142,11 @@ def check_weights(path: str, tensors: Mapping[str, torch.Tensor]) -> None:
         if key in seen:
             continue
         seen.add(key)
-        if not bool(torch.isfinite(t).all()):
+        peak = float(t.detach().abs().max())  # NaN and inf propagate through max
+        if not math.isfinite(peak):
             non_finite.append((name, t))
-        else:
-            peak = float(t.detach().abs().max())
-            if peak > MAX_ABS_WEIGHT:
-                too_large.append((name, peak))
+        elif peak > MAX_ABS_WEIGHT:
+            too_large.append((name, peak))
     if non_finite:
         name, t = non_finite[0]
         count = int((~torch.isfinite(t)).sum())

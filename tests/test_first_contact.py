@@ -129,3 +129,21 @@ def test_manifest_seconds_is_processing_time_not_queue_time(tmp_path, small_mode
     row = stages.finish(stages.write(row, spec), spec)
     assert row["status"] == "ok", row
     assert 0 < row["seconds"] < 1.0, row["seconds"]
+
+
+def test_progress_says_what_happens_before_the_first_image(tmp_path, small_model):
+    """Before any image is done the bar names the phase (here: loading the model), then 'restoring'."""
+    import io
+
+    from pipeline.engine import EngineSettings
+    from pipeline.runner import execute, prepare_job
+
+    write_photos(tmp_path / "in", 2)
+    plan, spec, resolved = prepare_job(str(tmp_path / "in"), str(tmp_path / "out"), model=small_model,
+                                       settings=EngineSettings(tile=64, overlap=8))
+    stream = io.StringIO()
+    result = execute(plan, spec, executor="inline", stream=stream, model=resolved)
+    assert result.ok == 2
+    shown = stream.getvalue()
+    assert "loading the model" in shown and "restoring" in shown
+    assert shown.index("loading the model") < shown.index("restoring")

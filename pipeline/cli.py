@@ -8,7 +8,7 @@ from __future__ import annotations
 import json
 import logging
 import sys
-from typing import Any, NoReturn
+from typing import TYPE_CHECKING, Any, Callable, NoReturn
 
 import click
 
@@ -16,18 +16,18 @@ from models.tasks import TASKS
 
 from .formats import FORMAT_BY_NAME
 
-EXIT_USAGE, EXIT_STORAGE = 2, 4
+if TYPE_CHECKING:  # the heavy modules load inside the commands
+    from .engine import ModelSpec
+    from .graph import ClusterOptions
+    from .plan import Plan
+    from .stages import JobSpec
+
+EXIT_USAGE, EXIT_STORAGE, EXIT_BUSY = 2, 4, 5
 
 
 def usage_errors() -> tuple[type[BaseException], ...]:
-    """Exceptions that mean 'the request cannot work' (exit 2), not 'an image failed'."""
-    import models
-
-    from .engine import EngineError
-    from .plan import PlanError
-
-    return (EngineError, PlanError, models.NoWeightsError, models.CheckpointError, ValueError, KeyError,
-            FileNotFoundError, PermissionError, NotADirectoryError)
+    """Exceptions that mean 'the request cannot work' while a job is prepared (exit 2), not 'an image failed'."""
+    return (*project_usage_errors(), ValueError, KeyError, FileNotFoundError, PermissionError, NotADirectoryError)
 
 
 def is_storage_error(exc: BaseException) -> bool:
@@ -40,8 +40,10 @@ def is_storage_error(exc: BaseException) -> bool:
 
 
 def _fail(error: BaseException | str, code: int = EXIT_USAGE) -> NoReturn:
-    message = error.args[0] if isinstance(error, KeyError) and error.args else str(error)
-    prefix = "storage error" if code == EXIT_STORAGE else "error"
+    from .redact import redact
+
+    message = redact(str(error.args[0] if isinstance(error, KeyError) and error.args else error))
+    prefix = {EXIT_STORAGE: "storage error", EXIT_BUSY: "busy"}.get(code, "error")
     click.echo(f"{prefix}: {' '.join(str(message).split())}", err=True)
     sys.exit(code)
 
@@ -66,7 +68,10 @@ def _json_option(value: str | None, what: str) -> dict[str, Any]:
 @click.option("-v", "--verbose", is_flag=True, help="Log progress details.")
 def main(verbose: bool) -> None:
     """Restore images with MIRNet / MIRNet-v2, from a laptop to a Ray cluster."""
+    from .redact import install
+
     logging.basicConfig(level=logging.INFO if verbose else logging.WARNING, format="%(levelname)s %(message)s")
+    install()  # credentials never reach a log line or a traceback
 
 
 @main.command()
@@ -90,7 +95,10 @@ def main(verbose: bool) -> None:
 @click.option("--images-per-batch", type=int, default=4, show_default=True,
               help="Images per replica call; their tiles share device batches.")
 @click.option("--num-cpus", type=int, help="CPUs of the embedded Ray runtime (default: all).")
-@click.option("--include", multiple=True, help="Glob of keys to take (repeatable; default: image extensions).")
+@click.option("--runtime-env", help="JSON Ray runtime env for the workers; the storage credentials of this "
+                                    "shell are merged into it (its own env_vars win).")
+@click.option("--include", multiple=True, help="Glob of keys to take (repeatable; default: image extensions, "
+                                                     "unsupported ones such as .gif becoming failed rows).")
 @click.option("--exclude", multiple=True, help="Glob of keys to leave out (repeatable).")
 @click.option("--keys-from", help="Text or Parquet file of keys relative to SRC, instead of listing.")
 @click.option("--storage-options", help="JSON of fsspec options (overrides the environment).")
@@ -107,12 +115,14 @@ def main(verbose: bool) -> None:
 def restore(src: str, dst: str, task: str | None, model: str | None, scale: str | None, out_format: str | None,
             tile: int | None, overlap: int, batch_size: int | None, precision: str, device: str | None,
             address: str | None, num_gpus: int | None, replicas: int | None, cpus_per_replica: int | None,
-            images_per_batch: int, num_cpus: int | None, include: tuple[str, ...], exclude: tuple[str, ...],
+            images_per_batch: int, num_cpus: int | None, runtime_env: str | None, include: tuple[str, ...],
+            exclude: tuple[str, ...],
             keys_from: str | None, storage_options: str | None, overwrite: bool, dry_run: bool,
             fail_fast: bool, quiet: bool, executor: str, max_pixels: int | None, allow_empty: bool) -> None:
     """Restore SRC (a file, folder or prefix; local or fsspec URL) into DST.
 
-    Exit status: 0 all images restored, 1 some failed, 2 usage error, 4 storage unreachable.
+    Exit status: 0 all images restored, 1 some failed, 2 usage error, 4 storage unreachable,
+    5 DST busy (another run holds its lease).
     """
     options = _json_option(storage_options, "--storage-options")
     fmt = FORMAT_BY_NAME.get(out_format or "")
@@ -126,7 +136,7 @@ def restore(src: str, dst: str, task: str | None, model: str | None, scale: str 
     say = (lambda text: None) if quiet else (lambda text: click.echo(text, err=True))
     from .engine import EngineSettings
     from .graph import ClusterOptions
-    from .runner import choose_executor, execute, prepare_job, summary
+    from .runner import prepare_job
 
     settings = EngineSettings(tile=tile, overlap=overlap, batch_size=batch_size, precision=precision,  # type: ignore[arg-type]
                               device=device, scale=scale_n)
@@ -137,11 +147,48 @@ def restore(src: str, dst: str, task: str | None, model: str | None, scale: str 
                                            exclude=exclude, keys_from=keys_from, overwrite=overwrite,
                                            allow_empty=allow_empty, max_pixels=max_pixels, dry_run=dry_run)
     except Exception as exc:
-        if is_storage_error(exc):
-            _fail(exc, EXIT_STORAGE)
-        if isinstance(exc, usage_errors()):
-            _fail_usage(exc)
-        raise
+        _fail_known(exc)
+    try:
+        _run_planned(plan, spec, resolved, executor=executor, address=address, dry_run=dry_run, fail_fast=fail_fast,
+                     quiet=quiet, say=say, cluster=ClusterOptions(
+                         address=address, num_gpus=num_gpus, replicas=replicas, cpus_per_replica=cpus_per_replica,
+                         images_per_batch=images_per_batch, num_cpus=num_cpus,
+                         runtime_env=_json_option(runtime_env, "--runtime-env") or None, quiet=quiet))
+    except Exception as exc:
+        _fail_known(exc, usage=project_usage_errors())
+    finally:
+        plan.release()
+
+
+def project_usage_errors() -> tuple[type[BaseException], ...]:
+    """The project's own 'cannot work as asked' errors: once images flow, anything else is a bug."""
+    import models
+
+    from .engine import EngineError
+    from .plan import PlanError
+
+    return EngineError, PlanError, models.NoWeightsError, models.CheckpointError
+
+
+def _fail_known(exc: Exception, usage: tuple[type[BaseException], ...] | None = None) -> NoReturn:
+    """Exit with the code of a known failure (busy, storage, usage); re-raise anything else."""
+    from .lease import DestinationBusy, LeaseLost
+
+    if isinstance(exc, (DestinationBusy, LeaseLost)):
+        _fail(exc, EXIT_BUSY)
+    if is_storage_error(exc):
+        _fail(exc, EXIT_STORAGE)
+    if isinstance(exc, usage or usage_errors()):
+        _fail_usage(exc)
+    raise exc
+
+
+def _run_planned(plan: Plan, spec: JobSpec, resolved: ModelSpec, *, executor: str, address: str | None,
+                 dry_run: bool, fail_fast: bool, quiet: bool, say: Callable[[str], None],
+                 cluster: ClusterOptions) -> None:
+    """The second half of ``restore``: print a dry run's plan, or execute it and exit with its status."""
+    from .runner import choose_executor, execute, summary
+
     if dry_run:
         for item in plan.runnable:
             click.echo(f"restore {plan.source.display(item.key)} -> {plan.output.display(item.output_key)}")
@@ -153,12 +200,9 @@ def restore(src: str, dst: str, task: str | None, model: str | None, scale: str 
                    f"{len(plan.refused)} refused, {len(plan.skipped)} skipped; model {resolved.name} "
                    f"({resolved.task}{f' x{resolved.scale}' if resolved.task == 'sr' else ''})", err=True)
         return
-    chosen, why = choose_executor(plan, executor, address, max_pixels)
+    chosen, why = choose_executor(plan, executor, address, spec.max_pixels)
     if chosen == "inline" and executor == "auto" and len(plan.runnable) > 1:
         say(why)
-    cluster = ClusterOptions(address=address, num_gpus=num_gpus, replicas=replicas,
-                             cpus_per_replica=cpus_per_replica, images_per_batch=images_per_batch,
-                             num_cpus=num_cpus)
     result = execute(plan, spec, executor=chosen, cluster=cluster, fail_fast=fail_fast, quiet=quiet,
                      model=resolved)
     click.echo(summary(result, plan), err=True)

@@ -176,7 +176,12 @@ def _open_pillow(data: bytes, name: str, max_pixels: int | None) -> Image.Image:
 
 @contextlib.contextmanager
 def _codec_errors(name: str) -> Iterator[None]:
-    """Library exceptions raised while reading ``name`` as CodecError with a reason."""
+    """Library exceptions raised while reading ``name`` as CodecError with a reason.
+
+    imagecodecs reports bad compressed data with its own RuntimeError subclasses, one per
+    codec (DeflateError, LzwError, Jpeg8Error, ZstdError, ...): tifffile lets them through
+    when a TIFF's strips or tiles are cut short or damaged, so they are corrupt data too.
+    """
     try:
         yield
     except CodecError:
@@ -185,6 +190,10 @@ def _codec_errors(name: str) -> Iterator[None]:
         raise CodecError(name, "not a recognised image (unknown or corrupt header)") from exc
     except (OSError, SyntaxError, ValueError, EOFError, IndexError, struct.error, imagecodecs.PngError) as exc:
         raise CodecError(name, f"corrupt or truncated image data ({exc})") from exc
+    except RuntimeError as exc:
+        if type(exc).__module__.split(".")[0] != "imagecodecs":
+            raise
+        raise CodecError(name, f"corrupt or truncated image data ({type(exc).__name__}: {exc})") from exc
 
 
 @dataclass(frozen=True)

@@ -204,6 +204,7 @@ class Restorer:
             self.model = self.model.to(memory_format=torch.channels_last)
         self._tile = self._round_tile(settings.tile) if settings.tile else None
         self.tiles_last_run = 0
+        self.on_tiles: Callable[[int, int], None] | None = None  # (tiles done, tiles in the call), per batch
 
     # -- configuration ---------------------------------------------------------------------
     def _round_tile(self, tile: int) -> int:
@@ -361,13 +362,18 @@ class Restorer:
         # Tiles in row order within each page; a batch holds tiles of one shape.
         queue = [(p, r, t) for p, rows in enumerate(row_lists) for r, row in enumerate(rows) for t in row]
         pending: list[tuple[int, int, Tile]] = []
+        done = 0
 
         def run(pending: list[tuple[int, int, Tile]]) -> None:
+            nonlocal done
             for (p, r, t), values in zip(pending, self._run_batch([(p, t) for p, _, t in pending], jobs)):
                 blenders[p].add(t, values)
                 remaining[p][r] -= 1
                 if remaining[p][r] == 0:
                     finish(p, r)
+            done += len(pending)
+            if self.on_tiles is not None:
+                self.on_tiles(done, len(queue))
 
         for item in queue:
             if pending and (len(pending) == batch_size or pending[0][2].window.shape != item[2].window.shape):

@@ -7,7 +7,12 @@ FORMAT_BY_EXTENSION = {
 }
 EXTENSION_BY_FORMAT = {"PNG": ".png", "JPEG": ".jpg", "TIFF": ".tif", "WEBP": ".webp", "BMP": ".bmp"}
 FORMAT_BY_NAME = {fmt.lower(): fmt for fmt in EXTENSION_BY_FORMAT}  # --format png -> "PNG"
-IMAGE_PATTERNS = tuple(f"*{ext}" for ext in FORMAT_BY_EXTENSION)  # default listing filter
+IMAGE_PATTERNS = tuple(f"*{ext}" for ext in FORMAT_BY_EXTENSION)  # images the engine reads
+# Image files it does not read: a restore job lists them too, so each one is a failed row
+# ("unsupported format .gif") instead of being left out without a word.
+OTHER_IMAGE_EXTENSIONS = (".gif", ".heic", ".heif", ".avif", ".jxl", ".jp2", ".j2k", ".psd", ".ico", ".exr",
+                          ".hdr", ".dng", ".cr2", ".nef", ".arw")
+RESTORE_PATTERNS = IMAGE_PATTERNS + tuple(f"*{ext}" for ext in OTHER_IMAGE_EXTENSIONS)  # restore's default listing
 
 
 def format_of_name(name: str) -> str | None:

@@ -7,17 +7,22 @@ driver only receives each image's small manifest row.
 """
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
+import re
+import sys
+import threading
 import warnings
 from dataclasses import dataclass, replace
 from typing import Any, Callable, Iterator
 
 from . import stages
-from .engine import ModelRef, ModelSpec, Restorer, load_reference, resolve_model
+from .engine import EngineError, ModelRef, ModelSpec, Restorer, load_reference, resolve_model
 from .plan import WorkItem
 from .stages import JobSpec, Row
-from .storage import forwarded_env
+from .redact import redact
+from .storage import worker_runtime_env
 
 log = logging.getLogger(__name__)
 LIGHT_TASK_CPUS = 0.25  # read / decode / encode tasks: they overlap the replicas' compute
@@ -32,6 +37,8 @@ class ClusterOptions:
     cpus_per_replica: int | None = None  # None: 1 on small machines, 4 on larger ones
     images_per_batch: int = 4  # images handed to a replica at once (their tiles are batched together)
     num_cpus: int | None = None  # CPUs of an embedded runtime (None: all)
+    runtime_env: dict[str, Any] | None = None  # the user's own; storage credentials are merged into it
+    quiet: bool = False  # keep Ray's C++ backend log lines off the terminal (they stay in Ray's log files)
 
 
 def connect(options: ClusterOptions) -> None:
@@ -43,15 +50,58 @@ def connect(options: ClusterOptions) -> None:
     # Keep Ray's own chatter out of the job's output (the job reports per image itself).
     warnings.filterwarnings("ignore", module=r"ray(\.|$)")
     address = options.address or os.environ.get("RAY_ADDRESS")
-    runtime_env = {"env_vars": forwarded_env()}
-    common: dict[str, Any] = {"runtime_env": runtime_env, "logging_level": logging.ERROR,
-                              "log_to_driver": False}
-    if address:
-        ray.init(address=address, **common)
-    else:
-        ray.init(address="local", num_cpus=options.num_cpus, include_dashboard=False, **common)
+    try:
+        runtime_env = worker_runtime_env(options.runtime_env)
+    except ValueError as exc:
+        raise EngineError(str(exc)) from None
+    common: dict[str, Any] = {"runtime_env": runtime_env, "logging_level": logging.ERROR, "log_to_driver": False}
+    try:
+        if address:
+            ray.init(address=address, **common)
+        else:
+            ray.init(address="local", num_cpus=options.num_cpus, include_dashboard=False, **common)
+    except Exception as exc:  # Ray's messages quote the runtime env, credentials included
+        raise type(exc)(redact(str(exc))) if isinstance(exc, (ValueError, ConnectionError)) else RuntimeError(
+            f"could not start or join Ray: {redact(str(exc))}") from None
     for name in ("ray", "ray.data", "ray.train"):
         logging.getLogger(name).setLevel(logging.ERROR)
+
+
+# A line of Ray's C++ backend log, e.g. "[2026-01-01 10:00:00,123 E 4242 4242] core_worker.cc:2465: ..."
+BACKEND_LOG_LINE = re.compile(rb"^\[\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d{3} [DIWEF] \d+ \d+\] [\w./-]+:\d+: ")
+
+
+@contextlib.contextmanager
+def backend_log_filtered(enabled: bool = True) -> Iterator[None]:
+    """Drop Ray's C++ backend log lines from this process's stderr while the block runs.
+
+    Ray's driver core worker writes error-level lines (advice meant for Ray's own
+    developers) straight to file descriptor 2; a quiet run keeps them off the terminal.
+    Everything else written to stderr passes through at once. Ray's log files keep them.
+    """
+    if not enabled:
+        yield
+        return
+    sys.stderr.flush()
+    saved, (read_end, write_end) = os.dup(2), os.pipe()
+    os.dup2(write_end, 2)
+    os.close(write_end)
+
+    def forward() -> None:
+        with os.fdopen(read_end, "rb") as lines:
+            for line in lines:
+                if not BACKEND_LOG_LINE.match(line):
+                    os.write(saved, line)
+
+    thread = threading.Thread(target=forward, name="mirnet-stderr", daemon=True)
+    thread.start()
+    try:
+        yield
+    finally:
+        sys.stderr.flush()
+        os.dup2(saved, 2)  # closes the pipe's last write end: the thread drains and stops
+        thread.join(timeout=5)
+        os.close(saved)
 
 
 class RestoreReplica:
@@ -97,7 +147,7 @@ def pool_shape(options: ClusterOptions) -> dict[str, Any]:
     gpus = int(resources.get("GPU", 0))
     use_gpus = gpus if options.num_gpus is None else min(options.num_gpus, gpus)
     if options.num_gpus and options.num_gpus > gpus:
-        raise ValueError(f"--num-gpus {options.num_gpus} asked for, but the cluster has {gpus} GPU(s)")
+        raise EngineError(f"--num-gpus {options.num_gpus} asked for, but the cluster has {gpus} GPU(s)")
     if use_gpus > 0:
         return {"size": use_gpus, "num_gpus": 1, "num_cpus": 1, "threads": 1, "device": "cuda", "in_flight": 2}
     cpus = int(resources.get("CPU", 1))
@@ -142,5 +192,6 @@ def run_graph(spec: JobSpec, items: list[WorkItem], options: ClusterOptions, mod
                         num_gpus=shape["num_gpus"], num_cpus=shape["num_cpus"])
     ds = ds.map_batches(_per_row(lambda row: stages.finish(stages.write(row, spec), spec)), batch_size=1,
                         num_cpus=LIGHT_TASK_CPUS)
-    for batch in ds.iter_batches(batch_size=1, batch_format="numpy", prefetch_batches=0):
-        yield from stages.unpack(batch)
+    with backend_log_filtered(options.quiet):
+        for batch in ds.iter_batches(batch_size=1, batch_format="numpy", prefetch_batches=0):
+            yield from stages.unpack(batch)

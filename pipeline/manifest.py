@@ -104,7 +104,8 @@ def _parquet_parts(output: Storage, folder_key: str) -> list[bytes]:
     folder = output.path(folder_key)
     output.fs.invalidate_cache(folder)
     try:
-        paths = [p for p in output.fs.find(folder) if p.endswith(".parquet")]
+        paths = [p for p in with_retries(lambda: output.fs.find(folder), f"list {output.display(folder_key)}")
+                 if p.endswith(".parquet")]
     except FileNotFoundError:
         paths = []
     return [with_retries(lambda path=path: output.fs.cat_file(path), f"read {path}") for path in sorted(paths)]

@@ -11,11 +11,14 @@ from __future__ import annotations
 import os
 import posixpath
 from dataclasses import dataclass, field
-from typing import Any, Iterable
+from typing import TYPE_CHECKING, Any, Callable, Iterable
 
-from .formats import EXTENSION_BY_FORMAT, FORMAT_BY_EXTENSION, IMAGE_PATTERNS, format_of_name
-from .manifest import claimed_outputs, latest_rows, read_manifest
+from .formats import EXTENSION_BY_FORMAT, FORMAT_BY_EXTENSION, RESTORE_PATTERNS, format_of_name
+from .manifest import claimed_outputs, latest_rows, new_run_id, read_manifest
 from .storage import Storage, matches, read_key_list, safe_relative_key
+
+if TYPE_CHECKING:
+    from .lease import DestinationLease
 
 
 class PlanError(ValueError):
@@ -37,6 +40,14 @@ class Plan:
     skipped: list[WorkItem] = field(default_factory=list)
     retried: int = 0  # inputs whose last row failed
     out_format: str | None = None  # None: each input's own format
+    run_id: str = field(default_factory=new_run_id)
+    lease: DestinationLease | None = None  # held from before the manifest was read until the run ends
+
+    def release(self) -> None:
+        """Give the destination back to other runs (idempotent)."""
+        if self.lease is not None:
+            self.lease.release()
+            self.lease = None
 
     @property
     def runnable(self) -> list[WorkItem]:
@@ -94,11 +105,16 @@ def check_destination(output: Storage) -> None:
 
 def make_plan(src: str, dst: str, *, storage_options: dict[str, Any] | None = None,
               include: Iterable[str] = (), exclude: Iterable[str] = (), keys_from: str | None = None,
-              out_format: str | None = None, overwrite: bool = False, allow_empty: bool = False) -> Plan:
-    """List the inputs and decide, from the manifest and the existing outputs, what to do."""
+              out_format: str | None = None, overwrite: bool = False, allow_empty: bool = False,
+              before_schedule: Callable[[Storage], None] | None = None) -> Plan:
+    """List the inputs and decide, from the manifest and the existing outputs, what to do.
+
+    ``before_schedule`` is called with the checked destination before its manifest is
+    read (the runner takes the destination's lease there).
+    """
     options = storage_options or {}
     source = Storage(src, options)
-    include_list, exclude_list = list(include) or list(IMAGE_PATTERNS), list(exclude)
+    include_list, exclude_list = list(include) or list(RESTORE_PATTERNS), list(exclude)
     single_output: str | None = None
     if keys_from is None and source.is_file():
         folder, name = split_file_url(src)
@@ -121,6 +137,8 @@ def make_plan(src: str, dst: str, *, storage_options: dict[str, Any] | None = No
     if not keys and not allow_empty:
         raise PlanError(f"no images to restore under {src} (include {', '.join(include_list)}); "
                         "pass --allow-empty if an empty source is expected")
+    if before_schedule is not None:
+        before_schedule(output)
     items = []
     for key in keys:
         try:

@@ -7,15 +7,18 @@ import time
 import itertools
 from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
-from typing import Any, Iterable, Iterator, TextIO
+from typing import Any, Callable, Iterable, Iterator, TextIO
 
 from tqdm import tqdm
 
 from . import codecs, stages
 from .engine import EngineSettings, ModelSpec, Restorer, check_settings, resolve_model
 from .graph import ClusterOptions, cpu_replica_threads, run_graph
+from .lease import DestinationLease
 from .manifest import ManifestWriter, empty_row, new_run_id, write_claim
 from .plan import Plan, WorkItem, make_plan
+from .redact import redact
+from .storage import Storage
 from .stages import JobSpec, Row
 
 
@@ -48,8 +51,13 @@ def inline_shape(images: int, cpus: int | None = None) -> tuple[int, int]:
     return workers, (per if workers > 1 else cpus)
 
 
-def run_inline(spec: JobSpec, items: list[WorkItem], restorer: Restorer) -> Iterator[Row]:
-    """The same stages in this process, on a few threads (no Ray); yields rows as images finish."""
+def run_inline(spec: JobSpec, items: list[WorkItem], restorer: Restorer,
+               on_tiles: Callable[[int, int], None] | None = None) -> Iterator[Row]:
+    """The same stages in this process, on a few threads (no Ray); yields rows as images finish.
+
+    ``on_tiles(done, total)`` follows the tiles of a single-image job (one large scene
+    shows progress before it finishes).
+    """
     import torch
 
     def one(item: WorkItem) -> Row:
@@ -61,6 +69,8 @@ def run_inline(spec: JobSpec, items: list[WorkItem], restorer: Restorer) -> Iter
     workers, threads = inline_shape(len(items))
     saved = torch.get_num_threads()
     torch.set_num_threads(threads)
+    if len(items) == 1:
+        restorer.on_tiles = on_tiles
     try:
         if workers == 1:
             yield from map(one, items)
@@ -75,6 +85,12 @@ def run_inline(spec: JobSpec, items: list[WorkItem], restorer: Restorer) -> Iter
                     yield future.result()
     finally:
         torch.set_num_threads(saved)
+        restorer.on_tiles = None
+
+
+def redact_row(row: Row) -> Row:
+    """The row with credentials masked in its free-text columns (a model URL, an error message)."""
+    return {**row, **{name: redact(row[name]) for name in ("error_message", "model") if row.get(name)}}
 
 
 def refused_row(item: WorkItem) -> Row:
@@ -144,11 +160,19 @@ class Progress:
         self.start = time.perf_counter()
         self.done = self.failed = 0
         self.megapixels = 0.0
+        self.tiles_shown = 0.0
 
     def phase(self, text: str) -> None:
         """Say what is happening before images flow (starting Ray, loading the model...)."""
         if self.bar is not None:
             self.bar.set_description_str(text, refresh=True)
+
+    def tiles(self, done: int, total: int) -> None:
+        """Tile progress inside one image (a single large scene), shown at most twice a second."""
+        now = time.perf_counter()
+        if self.bar is not None and (done == total or now - self.tiles_shown >= 0.5):
+            self.tiles_shown = now
+            self.bar.set_postfix_str(f"tile {done}/{total}", refresh=True)
 
     def update(self, row: Row) -> None:
         if self.done + self.failed == 0:
@@ -173,12 +197,12 @@ class Progress:
 def execute(plan: Plan, spec: JobSpec, *, executor: str = "ray", cluster: ClusterOptions = ClusterOptions(),
             fail_fast: bool = False, quiet: bool = False, stream: TextIO = sys.stderr,
             restorer: Restorer | None = None, model: ModelSpec | None = None) -> JobResult:
-    """Run the plan, writing manifest parts as images finish.
+    """Run the plan, writing manifest parts as images finish, then release its lease.
 
     ``model`` is the model the driver resolved and checked; replicas run exactly its
     bytes. Items the plan refused are recorded as failed rows without being read.
     """
-    result = JobResult(new_run_id(), skipped=len(plan.skipped))
+    result = JobResult(plan.run_id, skipped=len(plan.skipped))
     writer = ManifestWriter(plan.output, result.run_id)
     runnable = plan.runnable
     # Claim the outputs first: a rerun after a crash recognises them as this destination's own.
@@ -198,12 +222,15 @@ def execute(plan: Plan, spec: JobSpec, *, executor: str = "ray", cluster: Cluste
             local = restorer or Restorer(model or resolve_model(spec.model, spec.task, spec.scale,
                                                                 spec.source.options), spec.settings)
             progress.phase("restoring")
-            yield from run_inline(spec, runnable, local)
+            yield from run_inline(spec, runnable, local, on_tiles=progress.tiles)
         else:
             yield from run_graph(spec, runnable, cluster, model=model, on_phase=progress.phase)
 
     try:
         for row in rows():
+            if plan.lease is not None:
+                plan.lease.check()
+            row = redact_row(row)
             writer.add(row)
             progress.update(row)
             if row["status"] == "ok":
@@ -217,7 +244,10 @@ def execute(plan: Plan, spec: JobSpec, *, executor: str = "ray", cluster: Cluste
                     break
     finally:
         progress.close()
-        writer.flush()
+        try:
+            writer.flush()
+        finally:
+            plan.release()
         result.seconds = time.perf_counter() - start
     return result
 
@@ -242,15 +272,33 @@ def prepare_job(src: str, dst: str, *, model: str | None = None, task: str | Non
                 include: Iterable[str] = (), exclude: Iterable[str] = (), keys_from: str | None = None,
                 overwrite: bool = False, allow_empty: bool = False, max_pixels: int | None = None,
                 dry_run: bool = False) -> tuple[Plan, JobSpec, ModelSpec]:
-    """Everything checked before the first image: inputs, destination, model, settings.
+    """Everything checked before the first image: model, settings, inputs, destination.
 
-    A dry run checks the same things, but writes nothing.
+    A real run then holds the destination's lease (DestinationBusy if another run
+    does) until :func:`execute` ends or ``plan.release()``. A dry run checks the same
+    things, but writes nothing and takes no lease.
     """
-    plan = make_plan(src, dst, storage_options=storage_options, include=include, exclude=exclude,
-                     keys_from=keys_from, out_format=out_format, overwrite=overwrite, allow_empty=allow_empty)
     resolved = resolve_model(model, task, scale, storage_options)
     check_settings(resolved, settings)
-    plan.output.check_writable(dry_run=dry_run)
+    run_id = new_run_id()
+    leases: list[DestinationLease] = []
+
+    def hold(output: Storage) -> None:
+        output.check_writable(dry_run=dry_run)
+        if not dry_run:
+            lease = DestinationLease(output, run_id)
+            lease.acquire()
+            leases.append(lease)
+
+    try:
+        plan = make_plan(src, dst, storage_options=storage_options, include=include, exclude=exclude,
+                         keys_from=keys_from, out_format=out_format, overwrite=overwrite, allow_empty=allow_empty,
+                         before_schedule=hold)
+    except BaseException:
+        for lease in leases:
+            lease.release()
+        raise
+    plan.run_id, plan.lease = run_id, (leases[0] if leases else None)
     spec = JobSpec(plan.source, plan.output, model or resolved.name, task or resolved.task, scale, settings,
                    plan.out_format, max_pixels)
     return plan, spec, resolved
@@ -260,6 +308,9 @@ def restore_job(src: str, dst: str, *, executor: str = "auto", cluster: ClusterO
                 fail_fast: bool = False, quiet: bool = False, **options: Any) -> tuple[Plan, JobResult]:
     """Plan and run a job end to end (the Python face of ``mirnet restore``); ``options`` as for prepare_job."""
     plan, spec, resolved = prepare_job(src, dst, **options)
-    chosen, _ = choose_executor(plan, executor, cluster.address, spec.max_pixels)
-    return plan, execute(plan, spec, executor=chosen, cluster=cluster, fail_fast=fail_fast, quiet=quiet,
-                         model=resolved)
+    try:
+        chosen, _ = choose_executor(plan, executor, cluster.address, spec.max_pixels)
+        return plan, execute(plan, spec, executor=chosen, cluster=cluster, fail_fast=fail_fast, quiet=quiet,
+                             model=resolved)
+    finally:
+        plan.release()

@@ -45,6 +45,10 @@ def fail(row: Row, exc: BaseException) -> Row:
     row["status"] = "failed"
     row["error_class"] = type(exc).__name__
     row["error_message"] = str(exc)[:2000] or repr(exc)
+    if isinstance(exc, MemoryError):
+        size = f" ({row['width']}x{row['height']})" if row.get("width") else ""
+        row["error_message"] = (f"{row['key']}{size}: out of memory while restoring it; lower --max-pixels to refuse "
+                                "such images from their header, or give the workers more memory")
     return row
 
 
@@ -80,8 +84,13 @@ def read(row: Row, spec: JobSpec) -> Row:
 
 @guarded
 def decode(row: Row, spec: JobSpec) -> Row:
+    """Decode the row's bytes; every CodecError names the file as SRC shows it (``display``).
+
+    That includes an input whose extension is no supported format: the output format is
+    read from the displayed name (same base name as the key), not from the bare key.
+    """
     name = spec.source.display(row["key"])
-    fmt = spec.out_format or codecs.format_for(row["key"])
+    fmt = spec.out_format or codecs.format_for(name)
     image = codecs.decode(row.pop("data"), name, max_pixels=spec.max_pixels or codecs.DEFAULT_MAX_PIXELS)
     if image.bit_depth == 16 and fmt not in ("PNG", "TIFF"):
         raise codecs.CodecError(name, f"16-bit image cannot be written as {fmt}; use --format png or tiff")

@@ -5,8 +5,11 @@ S3-compatible endpoints are configured the standard way (``AWS_ENDPOINT_URL`` /
 """
 from __future__ import annotations
 
+import fcntl
 import fnmatch
+import hashlib
 import io
+import json
 import logging
 import os
 import posixpath
@@ -20,6 +23,7 @@ import fsspec
 import pyarrow.parquet as pq
 from fsspec.implementations.local import LocalFileSystem
 
+from . import redact
 from .formats import IMAGE_PATTERNS
 
 log = logging.getLogger(__name__)
@@ -29,6 +33,7 @@ T = TypeVar("T")
 FORWARDED_ENV = ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_DEFAULT_REGION",
                  "AWS_REGION", "AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3", "AWS_PROFILE",
                  "GOOGLE_APPLICATION_CREDENTIALS", "AZURE_STORAGE_CONNECTION_STRING")
+S3_CONNECT_TIMEOUT = 10  # seconds; botocore's default is 60
 NOT_TRANSIENT = (FileNotFoundError, PermissionError, IsADirectoryError, NotADirectoryError, ValueError,
                  TypeError, KeyError)
 
@@ -41,6 +46,29 @@ def forwarded_env() -> dict[str, str]:
     return {k: os.environ[k] for k in FORWARDED_ENV if os.environ.get(k)}
 
 
+def worker_runtime_env(user: dict[str, Any] | None = None) -> dict[str, Any]:
+    """The runtime env for ``ray.init``: the user's own, plus the storage variables it lacks.
+
+    Inside a submitted Ray Job the job's runtime env is merged by Ray, which refuses a
+    variable set twice; variables the job already sets are therefore not forwarded
+    again, and a user variable that contradicts the job's is refused by name (never by
+    value).
+    """
+    env = dict(user or {})
+    job_vars: dict[str, str] = (json.loads(os.environ.get("RAY_JOB_CONFIG_JSON_ENV_VAR") or "{}")
+                                .get("runtime_env") or {}).get("env_vars") or {}
+    user_vars = {k: v for k, v in dict(env.get("env_vars") or {}).items() if job_vars.get(k) != v}
+    clash = sorted(set(user_vars) & set(job_vars))
+    if clash:
+        raise ValueError(f"runtime env variable(s) {', '.join(clash)} differ from the submitted job's runtime env; "
+                         "set them in one place")
+    forwarded = {k: v for k, v in forwarded_env().items() if k not in user_vars and k not in job_vars}
+    env.pop("env_vars", None)
+    if forwarded or user_vars:
+        env["env_vars"] = {**forwarded, **user_vars}
+    return env
+
+
 def resolve_options(url: str, options: dict[str, Any] | None = None) -> dict[str, Any]:
     """fsspec options for ``url``: S3 endpoint from the environment, then explicit overrides."""
     options = dict(options or {})
@@ -48,24 +76,48 @@ def resolve_options(url: str, options: dict[str, Any] | None = None) -> dict[str
         endpoint = os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")
         if endpoint and "endpoint_url" not in options and "endpoint_url" not in options.get("client_kwargs", {}):
             options["endpoint_url"] = endpoint
+        # botocore's retries sit under ours (with_retries): its standard mode (3 attempts) and a
+        # bounded connect timeout keep a dead or unreachable endpoint from taking minutes to report.
+        config = dict(options.get("config_kwargs") or {})
+        if "retries" not in config and not (os.environ.get("AWS_RETRY_MODE") or os.environ.get("AWS_MAX_ATTEMPTS")):
+            config["retries"] = {"mode": "standard", "max_attempts": 3}
+        config.setdefault("connect_timeout", S3_CONNECT_TIMEOUT)
+        options["config_kwargs"] = config
     return options
 
 
-def with_retries(action: Callable[[], T], what: str, attempts: int = 4, base_delay: float = 0.5) -> T:
-    """Run ``action``, retrying transient errors with exponential backoff and jitter."""
+def with_retries(action: Callable[[], T], what: str, attempts: int = 4, base_delay: float = 0.5,
+                 retry_if: Callable[[Exception], bool] = lambda exc: True) -> T:
+    """Run ``action``, retrying transient errors with exponential backoff and jitter.
+
+    When the attempts run out, raises StorageError naming ``what`` (the operation and URL).
+    """
     for attempt in range(1, attempts + 1):
         try:
             return action()
         except NOT_TRANSIENT:
             raise
         except Exception as exc:  # network and service errors come in many classes
-            if attempt == attempts:
+            if not retry_if(exc):
                 raise
+            if attempt == attempts:
+                raise StorageError(f"{what}: {exc} ({type(exc).__name__}"
+                                   f"{f', {attempts} attempts' if attempts > 1 else ''})") from exc
             delay = base_delay * 2 ** (attempt - 1) * (0.5 + random.random())
             log.warning("%s failed (%s: %s); retry %d/%d in %.1fs", what, type(exc).__name__, exc,
                         attempt, attempts - 1, delay)
             time.sleep(delay)
     raise AssertionError("unreachable")
+
+
+def _precondition_failed(exc: BaseException) -> bool:
+    """Whether an S3 error is a failed ``If-Match`` / ``If-None-Match`` condition (HTTP 412)."""
+    for error in (exc, exc.__cause__, exc.__context__):
+        response = getattr(error, "response", None) or {}
+        if (response.get("Error", {}).get("Code") == "PreconditionFailed"
+                or response.get("ResponseMetadata", {}).get("HTTPStatusCode") == 412):
+            return True
+    return isinstance(exc, FileExistsError)
 
 
 def safe_relative_key(key: str) -> str:
@@ -108,6 +160,7 @@ class Storage:
     options: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
+        redact.remember(self.options)
         self.options = resolve_options(self.url, self.options)
         self.fs, root = fsspec.core.url_to_fs(self.url, **self.options)
         self.root = root.rstrip("/")
@@ -130,7 +183,13 @@ class Storage:
         return f"{self.url.rstrip('/')}/{key}"
 
     def is_file(self) -> bool:
-        return with_retries(lambda: self.fs.isfile(self.root), f"stat {self.url}")
+        """Whether the URL is one file. A run's first contact with storage: retried only once, so a
+        dead endpoint or wrong credentials fail in seconds (the client library retries too)."""
+        try:  # not fs.isfile, which reports an unreachable endpoint as "not a file"
+            info = with_retries(lambda: self.fs.info(self.root), f"stat {self.url}", attempts=2)
+        except FileNotFoundError:
+            return False
+        return info.get("type") == "file"
 
     def list(self, include: Iterable[str] = IMAGE_PATTERNS, exclude: Iterable[str] = ()) -> list[str]:
         """Relative keys of all files below the prefix that match ``include`` and not ``exclude``.
@@ -155,7 +214,7 @@ class Storage:
     def exists_prefix(self) -> bool:
         """Whether the prefix exists (a folder, a bucket prefix with objects, or a file)."""
         self.fs.invalidate_cache(self.root)
-        return with_retries(lambda: self.fs.exists(self.root), f"stat {self.url}")
+        return with_retries(lambda: self.fs.exists(self.root), f"stat {self.url}", attempts=2)
 
     def read(self, key: str) -> bytes:
         path = self.path(key)
@@ -200,6 +259,67 @@ class Storage:
         self.fs.invalidate_cache(path)
         return with_retries(lambda: self.fs.exists(path), f"stat {self.display(key)}")
 
+    @property
+    def is_s3(self) -> bool:
+        protocols = (self.fs.protocol,) if isinstance(self.fs.protocol, str) else self.fs.protocol
+        return any(p in ("s3", "s3a") for p in protocols)
+
+    def read_tagged(self, key: str) -> tuple[bytes, str] | None:
+        """An object's bytes and a version tag for :meth:`write_if` (None if it does not exist)."""
+        path = self.path(key)
+        self.fs.invalidate_cache(path)
+        try:
+            if self.is_s3:
+                # The tag is read first: if the object changes before the read, a write_if
+                # with this (older) tag fails, which is the safe side.
+                tag = with_retries(lambda: self.fs.info(path)["ETag"], f"stat {self.display(key)}")
+                return self.read(key), tag
+            data = self.read(key)
+        except FileNotFoundError:
+            return None
+        return data, hashlib.sha256(data).hexdigest()
+
+    def write_if(self, key: str, data: bytes, tag: str | None) -> str | None:
+        """Write ``key`` only if it is unchanged since :meth:`read_tagged` gave ``tag`` (``None``:
+        only if it does not exist). Returns the new tag, or None when the condition failed.
+
+        On S3 this is a conditional PUT (``If-None-Match`` / ``If-Match``); on a local
+        filesystem the compare and the atomic rename run under an exclusive ``flock``.
+        Other filesystems get a check-then-write that is not atomic (logged once).
+        """
+        path = self.path(key)
+        if self.is_s3:
+            condition = {"mode": "create"} if tag is None else {"IfMatch": tag}
+            try:
+                response = with_retries(lambda: self.fs.pipe_file(path, data, **condition),
+                                        f"write {self.display(key)}", retry_if=lambda e: not _precondition_failed(e))
+            except Exception as exc:
+                if _precondition_failed(exc):
+                    return None
+                raise
+            return (response or {}).get("ETag") or self.read_tagged(key)[1]  # type: ignore[index]
+        if self.is_local:
+            folder = posixpath.dirname(path)
+            os.makedirs(folder, exist_ok=True)
+            with open(posixpath.join(folder, ".lock"), "a") as lock:
+                fcntl.flock(lock, fcntl.LOCK_EX)
+                try:
+                    return self._replace_if_unchanged(key, data, tag)
+                finally:
+                    fcntl.flock(lock, fcntl.LOCK_UN)
+        if not getattr(Storage, "_warned_unconditional", False):
+            Storage._warned_unconditional = True  # type: ignore[attr-defined]
+            log.warning("%s: this filesystem has no conditional writes; the destination lease is best effort",
+                        self.url)
+        return self._replace_if_unchanged(key, data, tag)
+
+    def _replace_if_unchanged(self, key: str, data: bytes, tag: str | None) -> str | None:
+        current = self.read_tagged(key)
+        if (current[1] if current else None) != tag:
+            return None
+        self.write(key, data)
+        return self.read_tagged(key)[1] if not self.is_local else hashlib.sha256(data).hexdigest()  # type: ignore[index]
+
     def write(self, key: str, data: bytes) -> None:
         """Write atomically: the final key never holds a partial object.
 
@@ -226,8 +346,11 @@ class Storage:
 
 def read_key_list(url: str, options: dict[str, Any] | None = None) -> list[str]:
     """Keys from a text file (one per line) or a Parquet file with a ``key`` column."""
-    with fsspec.open(url, "rb", **resolve_options(url, options)) as f:
-        data = f.read()
+    def read() -> bytes:
+        with fsspec.open(url, "rb", **resolve_options(url, options)) as f:
+            return f.read()
+
+    data = with_retries(read, f"read {url}")
     if url.lower().endswith(".parquet") or data[:4] == b"PAR1":
         table = pq.read_table(io.BytesIO(data))
         if "key" not in table.column_names:

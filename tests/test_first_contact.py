@@ -1,6 +1,7 @@
 """First contact: a light CLI start, the small-job path, dry runs that check, honest timings."""
 from __future__ import annotations
 
+import re
 import subprocess
 import sys
 import time
@@ -113,7 +114,7 @@ def test_dry_run_validates_model_scale_and_destination(tmp_path, small_model):
     assert mismatch.exit_code == 2 and "not 'enhance'" in mismatch.output
 
 
-def test_manifest_seconds_is_processing_time_not_queue_time(tmp_path, small_model):
+def test_manifest_seconds_is_processing_time_not_queue_time(tmp_path, small_model, monkeypatch):
     """An image that waits between stages (in Ray's queues) is not charged for the wait."""
     from pipeline import stages
     from pipeline.engine import EngineSettings, Restorer, resolve_model
@@ -122,28 +123,45 @@ def test_manifest_seconds_is_processing_time_not_queue_time(tmp_path, small_mode
     spec = stages.JobSpec(Storage(str(tmp_path / "in")), Storage(str(tmp_path / "out")), small_model, None, None,
                           EngineSettings(tile=64, overlap=8))
     restorer = Restorer(resolve_model(small_model, None), spec.settings)
+    queued = [0.0]  # the stages' clock, moved on by an hour whenever the image waits in a queue
+    real_clock = time.perf_counter
+    monkeypatch.setattr(stages.time, "perf_counter", lambda: real_clock() + queued[0])
     row = stages.read({"key": "p0.png", "output_key": "p0.png"}, spec)
-    time.sleep(1.0)  # queued between read and decode
+    queued[0] += 3600  # queued between read and decode
     row = stages.restore([stages.decode(row, spec)], restorer)[0]
-    time.sleep(1.0)  # queued before the writer
+    queued[0] += 3600  # queued before the writer
     row = stages.finish(stages.write(row, spec), spec)
     assert row["status"] == "ok", row
-    assert 0 < row["seconds"] < 1.0, row["seconds"]
+    assert 0 < row["seconds"] < 3600, row["seconds"]
 
 
-def test_progress_says_what_happens_before_the_first_image(tmp_path, small_model):
-    """Before any image is done the bar names the phase (here: loading the model), then 'restoring'."""
+def shown_while_restoring(src: Path, dst: Path, model: str) -> tuple[int, str]:
+    """Run ``src`` in-process with a progress bar drawn into a string: (images ok, what it showed)."""
     import io
 
     from pipeline.engine import EngineSettings
     from pipeline.runner import execute, prepare_job
 
-    write_photos(tmp_path / "in", 2)
-    plan, spec, resolved = prepare_job(str(tmp_path / "in"), str(tmp_path / "out"), model=small_model,
-                                       settings=EngineSettings(tile=64, overlap=8))
+    plan, spec, resolved = prepare_job(str(src), str(dst), model=model, settings=EngineSettings(tile=64, overlap=8))
     stream = io.StringIO()
-    result = execute(plan, spec, executor="inline", stream=stream, model=resolved)
-    assert result.ok == 2
-    shown = stream.getvalue()
+    return execute(plan, spec, executor="inline", stream=stream, model=resolved).ok, stream.getvalue()
+
+
+def test_progress_says_what_happens_before_the_first_image(tmp_path, small_model):
+    """Before any image is done the bar names the phase (here: loading the model), then 'restoring'."""
+    write_photos(tmp_path / "in", 2)
+    ok, shown = shown_while_restoring(tmp_path / "in", tmp_path / "out", small_model)
+    assert ok == 2
     assert "loading the model" in shown and "restoring" in shown
     assert shown.index("loading the model") < shown.index("restoring")
+
+
+def test_a_single_large_image_shows_tile_progress(tmp_path, small_model):
+    """One big scene is one image: the bar follows its tiles instead of sitting at 0/1 until the end."""
+    (tmp_path / "in").mkdir()
+    Image.fromarray(photo("astronaut")[:256, :256]).save(tmp_path / "in" / "scene.png")
+    ok, shown = shown_while_restoring(tmp_path / "in", tmp_path / "out", small_model)
+    assert ok == 1
+    total = int(re.search(r"tile \d+/(\d+)", shown).group(1))
+    assert total > 4 and f"tile {total}/{total}" in shown
+    assert shown.index(f"tile {total}/{total}") < shown.rindex("ok=1")

@@ -142,6 +142,41 @@ def test_empty_or_missing_source_is_a_usage_error(tmp_path, small_model):
         make_plan(str(tmp_path / "empty"), str(tmp_path / "out"))
 
 
+def test_missing_s3_prefix_and_missing_credentials_are_told_apart(tmp_path, small_model, bucket, monkeypatch):
+    """A mistyped prefix is a usage error (2); storage that refuses us is a storage error (4), in one line."""
+    result = restore(f"s3://{bucket}/no-such-prefix", str(tmp_path / "out"), "--model", small_model, "--quiet")
+    assert result.exit_code == 2 and "does not exist" in result.output, result.output
+    for name in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_PROFILE"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("AWS_SHARED_CREDENTIALS_FILE", str(tmp_path / "none"))
+    monkeypatch.setenv("AWS_CONFIG_FILE", str(tmp_path / "none"))
+    monkeypatch.setenv("AWS_EC2_METADATA_DISABLED", "true")
+    import s3fs
+
+    s3fs.S3FileSystem.clear_instance_cache()  # no client that still holds the old credentials
+    try:
+        result = restore(f"s3://{bucket}/in", str(tmp_path / "out"), "--model", small_model, "--quiet")
+    finally:
+        s3fs.S3FileSystem.clear_instance_cache()  # nor one without them, for the tests that follow
+    assert result.exit_code == 4, result.output
+    message = [line for line in result.output.splitlines() if line.startswith("storage error")]
+    assert len(message) == 1 and "credentials" in message[0] and f"s3://{bucket}/in" in message[0]
+    assert "Traceback" not in result.output
+
+
+def test_image_files_of_unsupported_formats_fail_as_rows_not_silently(tmp_path, small_model):
+    put_photo(tmp_path / "in" / "a.png")
+    frames = [Image.fromarray(np.ascontiguousarray(photo(name)[:32, :32])) for name in ("coffee", "chelsea")]
+    frames[0].save(tmp_path / "in" / "anim.gif", save_all=True, append_images=frames[1:])
+    (tmp_path / "in" / "notes.txt").write_text("not an image, not listed")
+    result = restore(str(tmp_path / "in"), str(tmp_path / "out"), "--model", small_model, "--quiet")
+    assert result.exit_code == 1, result.output
+    by_key = {r["key"]: r for r in rows(tmp_path / "out")}
+    assert set(by_key) == {"a.png", "anim.gif"}
+    assert by_key["a.png"]["status"] == "ok"
+    assert by_key["anim.gif"]["status"] == "failed" and "unsupported format .gif" in by_key["anim.gif"]["error_message"]
+
+
 def test_sr_checkpoint_without_recorded_scale_needs_scale(tmp_path):
     import models
 

@@ -1,0 +1,79 @@
+"""Killed model replicas: Ray restarts them and retries their batches; every image is restored once.
+
+(The driver kill, SIGKILL mid-run and resume, is tests/test_pipeline.py's
+test_resume_after_sigkill_writes_each_output_once.)
+"""
+from __future__ import annotations
+
+import os
+import signal
+import threading
+import time
+from collections import Counter
+from pathlib import Path
+
+from click.testing import CliRunner
+
+from pipeline import codecs
+from pipeline.cli import main
+
+from ..test_pipeline import manifest_rows, photo_files
+
+REPLICA_TITLE = b"RestoreReplica"  # Ray names an actor's worker process after its class
+
+
+def replica_pids(raylet: int) -> list[int]:
+    """Live replica actor processes started by ``raylet`` (so never another Ray session's)."""
+    pids = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                parent = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
+                if parent == raylet and REPLICA_TITLE in (entry / "cmdline").read_bytes():
+                    pids.append(int(entry.name))
+            except (OSError, ValueError, IndexError):
+                continue
+    return pids
+
+
+def test_killed_replicas_are_replaced_and_no_image_is_lost_or_doubled(tmp_path, small_model, ray_runtime):
+    src, out = tmp_path / "in", tmp_path / "out"
+    files = photo_files(15, size=128)  # 16 images
+    for key, data in files.items():
+        (src / key).parent.mkdir(parents=True, exist_ok=True)
+        (src / key).write_bytes(data)
+    killed: list[int] = []
+    stop = threading.Event()
+    raylet = ray_runtime._private.worker._global_node.all_processes["raylet"][0].process.pid
+
+    def kill_replicas(times: int = 2) -> None:
+        """Once replicas run, SIGKILL one of them, twice over, a second apart."""
+        while not stop.is_set() and len(killed) < times:
+            pids = [pid for pid in replica_pids(raylet) if pid not in killed]
+            if pids:
+                time.sleep(1.0)  # let it take a batch
+                try:
+                    os.kill(pids[0], signal.SIGKILL)
+                    killed.append(pids[0])
+                except ProcessLookupError:
+                    pass
+            time.sleep(0.1)
+
+    killer = threading.Thread(target=kill_replicas, daemon=True)
+    killer.start()
+    try:
+        result = CliRunner().invoke(main, ["restore", str(src), str(out), "--model", small_model, "--executor", "ray",
+                                           "--replicas", "2", "--images-per-batch", "1", "--quiet", "--tile", "64",
+                                           "--overlap", "8"])
+    finally:
+        stop.set()
+        killer.join()
+    assert len(killed) == 2, "the replicas were not killed while the job ran"
+    assert result.exit_code == 0, result.output
+    rows = manifest_rows(str(out))
+    assert Counter(r["key"] for r in rows) == Counter(list(files)), "an image was lost or recorded twice"
+    assert all(r["status"] == "ok" for r in rows)
+    for key, data in files.items():
+        original, restored = codecs.decode(data, key), codecs.decode((out / key).read_bytes(), key)
+        assert (restored.width, restored.height, restored.mode) == (original.width, original.height, original.mode)
+    assert not list(out.rglob(".mirnet-tmp-*"))

@@ -21,10 +21,22 @@ from .checkpoints import CheckpointError, ckpt_info, load_weights, read_checkpoi
 from .tasks import TASKS, Task
 
 WEIGHTS_DIR = Path(__file__).parent / "weights"
+OFFICIAL_CARDS = Path(__file__).parent / "official_cards.json"
 
 
 class NoWeightsError(LookupError):
     """A card or task has no trained weights available."""
+
+
+@dataclass(frozen=True)
+class OfficialSource:
+    """Where the authors publish a checkpoint (pulled into a cache by ``models.official``)."""
+
+    file: str  # the file name the authors publish
+    url: str | None = None  # a direct download (GitHub release asset)
+    gdrive_file: str | None = None  # a Google Drive file id
+    gdrive_folder: str | None = None  # a Google Drive folder id, when there is no file link
+    licence: str = ""
 
 
 @dataclass(frozen=True)
@@ -44,6 +56,14 @@ class ModelCard:
     recipe: dict[str, Any] = field(default_factory=dict)
     metrics: dict[str, Any] = field(default_factory=dict)
     source_dir: str | None = None  # folder the card file was read from
+    source: OfficialSource | None = None  # published official checkpoint, pulled on first use
+
+    @property
+    def pulled(self) -> bool:
+        """An official card whose checkpoint is in the cache."""
+        from .official import cached_path
+
+        return self.source is not None and cached_path(self).is_file()
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "arch", canonical_arch(self.arch))
@@ -56,6 +76,10 @@ class ModelCard:
 
     @property
     def weights_uri(self) -> str | None:
+        if self.source is not None:
+            from .official import cached_path
+
+            return str(cached_path(self))
         if self.weights is None:
             return None
         if "://" in self.weights or os.path.isabs(self.weights):
@@ -71,12 +95,26 @@ class ModelCard:
         """The architecture with random weights (for training)."""
         return build(self.arch, **self.config)
 
-    def load(self) -> nn.Module:
-        """The model with its weights, after checking their sha256."""
-        if not self.has_weights:
+    def weight_bytes(self) -> bytes | None:
+        """An official card's checkpoint bytes, pulled and verified (None for other cards)."""
+        if self.source is None:
+            return None
+        from .official import verified_bytes
+
+        return verified_bytes(self)
+
+    def load(self, data: bytes | None = None) -> nn.Module:
+        """The model with its weights, after checking their sha256.
+
+        ``data``: the checkpoint's bytes, already read (a replica gets them from the
+        driver); an official card's are otherwise pulled on first use.
+        """
+        if data is None and self.source is not None:
+            data = self.weight_bytes()
+        if data is None and not self.has_weights:
             raise NoWeightsError(f"model {self.name!r} ({self.task}) has no trained weights available")
-        uri = self.weights_uri
-        ckpt = read_checkpoint(uri)
+        uri = self.weights_uri or self.name
+        ckpt = read_checkpoint(uri, data=data)
         if self.sha256 and ckpt.sha256 != self.sha256:
             raise CheckpointError(uri, f"sha256 {ckpt.sha256} does not match card {self.name!r} ({self.sha256})")
         model = self.build()
@@ -95,7 +133,8 @@ class ModelCard:
         unknown = set(data) - known
         if unknown:
             raise ValueError(f"card {data.get('name')!r}: unknown field(s) {sorted(unknown)}")
-        return cls(**{**data, "source_dir": source_dir})
+        source = OfficialSource(**data["source"]) if data.get("source") else None
+        return cls(**{**data, "source_dir": source_dir, "source": source})
 
 
 _REGISTRY: dict[str, ModelCard] = {}
@@ -162,6 +201,9 @@ def _register_builtins() -> None:
                        "denoise", size_multiple=2, summary="Smallest MIRNet configuration, for tests."))
     register(ModelCard("mirnet-v2-tiny", "mirnet_v2", {"n_feat": 4, "n_RRG": 1, "n_MRB": 1}, "denoise",
                        summary="Smallest MIRNet-v2 configuration (3.4k parameters), for memory and speed tests."))
+    # The authors' published checkpoints, pulled on first use (models/official.py)
+    for data in json.loads(OFFICIAL_CARDS.read_text()):
+        register(ModelCard.from_json(data), replace=True)
     if WEIGHTS_DIR.is_dir():
         load_card_dir(WEIGHTS_DIR)
     extra = os.environ.get("MIRNET_CARDS")

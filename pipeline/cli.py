@@ -209,22 +209,48 @@ def _run_planned(plan: Plan, spec: JobSpec, resolved: ModelSpec, *, executor: st
     sys.exit(result.exit_code)
 
 
-@main.command("models")
+@main.group("models", invoke_without_command=True)
 @click.option("--json", "as_json", is_flag=True, help="Print the cards as JSON.")
-def list_models(as_json: bool) -> None:
-    """List the registered model cards."""
+@click.pass_context
+def list_models(ctx: click.Context, as_json: bool) -> None:
+    """List the registered model cards (weights: yes, no, or 'pull' for an official checkpoint not yet cached)."""
+    if ctx.invoked_subcommand is not None:
+        return
     import models
 
     cards = models.list_cards()
     if as_json:
         click.echo(json.dumps([c.to_json() for c in cards], indent=2))
         return
-    click.echo(f"{'name':<24} {'arch':<10} {'task':<8} {'scale':>5} {'weights':<8} {'default':<7} summary")
+    click.echo(f"{'name':<32} {'arch':<10} {'task':<8} {'scale':>5} {'weights':<8} {'default':<7} summary")
     for c in cards:
-        click.echo(f"{c.name:<24} {c.arch:<10} {c.task:<8} {c.scale:>5} {'yes' if c.has_weights else 'no':<8} "
+        weights = "yes" if c.has_weights else ("pull" if c.source is not None else "no")
+        click.echo(f"{c.name:<32} {c.arch:<10} {c.task:<8} {c.scale:>5} {weights:<8} "
                    f"{'yes' if c.default else '':<7} {c.summary}")
         for metric, value in c.metrics.items():
             click.echo(f"{'':<24}   {metric}: {value}")
+
+
+@list_models.command("pull")
+@click.argument("name")
+@click.option("--from", "origin", help="Take the file from this URL or path (a mirror, a manual download).")
+@click.option("--sha256", help="The sha256 the file must have (pinned for every later load).")
+@click.option("--force", is_flag=True, help="Download again, replacing the cached file and its pinned sha256.")
+def pull_model(name: str, origin: str | None, sha256: str | None, force: bool) -> None:
+    """Download an official checkpoint card's weights into the cache, verified (see `mirnet models`).
+
+    Sources: the authors' published link, or MIRNET_WEIGHTS_MIRROR (a folder URL holding the
+    files by name), or --from. The cache is MIRNET_CACHE (default ~/.cache/mirnet).
+    """
+    import models
+    from models.official import pull
+
+    try:
+        path = pull(models.get(name), origin=origin, sha256=sha256, force=force,
+                    say=lambda text: click.echo(text, err=True))
+    except Exception as exc:
+        _fail_known(exc)
+    click.echo(str(path))
 
 
 @main.command()

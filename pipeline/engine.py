@@ -78,24 +78,25 @@ class ModelSpec:
 
     def reference(self) -> "ModelRef":
         """A small, picklable handle from which a replica loads exactly these weights."""
-        return ModelRef(self.name, self.task, self.scale, self.sha256, self.card)
+        return ModelRef(self.name, self.task, self.scale, self.sha256, models.lookup(self.card))
 
 
 @dataclass(frozen=True)
 class ModelRef:
-    """The model a driver resolved and checked: a card name, or a checkpoint's bytes (passed separately)."""
+    """The model a driver resolved and checked: a card (itself, so that a card registered only in the
+    driver works on every node), or a checkpoint's bytes (passed separately)."""
 
     name: str
     task: str
     scale: int
     sha256: str | None
-    card: str | None = None
+    card: ModelCard | None = None
 
 
 def load_reference(ref: ModelRef, data: bytes | None = None) -> ModelSpec:
     """Load the model behind ``ref`` (a card's weights, or ``data``), insisting on its sha256."""
     if ref.card is not None:
-        spec = spec_from_card(models.get(ref.card))
+        spec = spec_from_card(ref.card, data)
     else:
         if data is None:
             raise EngineError(f"model {ref.name!r}: no checkpoint bytes were passed to the replica")
@@ -105,10 +106,17 @@ def load_reference(ref: ModelRef, data: bytes | None = None) -> ModelSpec:
     return spec
 
 
-def spec_from_card(card: ModelCard) -> ModelSpec:
-    module = card.load()
+def spec_from_card(card: ModelCard, data: bytes | None = None) -> ModelSpec:
+    """A card's model. An official card's checkpoint (pulled on first use) travels as ``data``
+    to the replicas, which then never download or read a cache of their own."""
+    data = data if data is not None else card.weight_bytes()
+    module = card.load(data)
+    in_channels = int(module.conv_in.weight.shape[1])
+    if in_channels not in (1, 3):
+        raise EngineError(f"model {card.name!r} takes {in_channels}-channel inputs (stacked views), which "
+                          "`mirnet restore` does not make from single images")
     return ModelSpec(module, card.name, card.task, card.scale, card.size_multiple, card.bf16_safe,
-                     card.fp16_safe, module.checkpoint.get("sha256"), card=card.name)
+                     card.fp16_safe, module.checkpoint.get("sha256"), card=card.name, data=data)
 
 
 def spec_from_checkpoint(name: str, data: bytes, task: str | None, scale: int | None) -> ModelSpec:

@@ -51,6 +51,8 @@ class EngineSettings:
     precision: Precision = "auto"
     device: str | None = None  # None: cuda if available, else cpu
     scale: int | None = None  # for task sr: 2, 3 or 4 (default: the model's)
+    compile: bool = False  # torch.compile the model: pays off after its first call per tile shape
+    tta: bool = False  # x8 self-ensemble (flips and quarter turns), eight times the work
 
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -167,9 +169,29 @@ def pick_device(requested: str | None) -> torch.device:
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
+def dihedral(x: torch.Tensor, k: int) -> torch.Tensor:
+    """The ``k``-th (0-7) of the eight flips and quarter turns of an NCHW batch."""
+    return torch.rot90(x.flip(-1) if k >= 4 else x, k % 4, dims=(-2, -1))
+
+
+def undo_dihedral(x: torch.Tensor, k: int) -> torch.Tensor:
+    """Inverse of :func:`dihedral`."""
+    x = torch.rot90(x, -(k % 4), dims=(-2, -1))
+    return x.flip(-1) if k >= 4 else x
+
+
+def cpu_supports_bf16() -> bool:
+    """Whether this CPU does bf16 arithmetic natively (AVX512-BF16 or AMX), where bf16 autocast pays off."""
+    import torch.cpu
+
+    checks = ("_is_avx512_bf16_supported", "_is_amx_tile_supported")
+    return any(bool(getattr(torch.cpu, name, lambda: False)()) for name in checks)
+
+
 def pick_dtype(precision: Precision, device: torch.device, spec: ModelSpec) -> torch.dtype:
-    if precision == "auto":
-        return torch.bfloat16 if device.type == "cuda" and spec.bf16_safe else torch.float32
+    if precision == "auto":  # bf16 where the card allows and the device does it natively (README, "Engine")
+        native = device.type == "cuda" or (device.type == "cpu" and cpu_supports_bf16())
+        return torch.bfloat16 if native and spec.bf16_safe else torch.float32
     if precision == "fp16" and device.type != "cuda":
         raise EngineError("fp16 needs a CUDA device; use fp32 or bf16 on the CPU")
     return {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[precision]
@@ -210,6 +232,9 @@ class Restorer:
         self.model = spec.module.to(self.device).eval()
         if self.device.type == "cuda":
             self.model = self.model.to(memory_format=torch.channels_last)
+        # Every tile of an image has one shape (TileGrid), so a compiled model recompiles only
+        # for images smaller than the tile; dynamic=False keeps each compiled shape specialised.
+        self.run_model = torch.compile(self.model, dynamic=False) if settings.compile else self.model
         self._tile = self._round_tile(settings.tile) if settings.tile else None
         self.tiles_last_run = 0
         self.on_tiles: Callable[[int, int], None] | None = None  # (tiles done, tiles in the call), per batch
@@ -254,7 +279,25 @@ class Restorer:
         return torch.autocast(self.device.type, dtype=self.dtype)
 
     def _forward(self, batch: torch.Tensor) -> torch.Tensor:
-        """Pad to the size multiple, run, crop back. ``batch``: (B, C, H, W) float32 on the device."""
+        """The model's output for ``batch`` ((B, C, H, W) float32 on the device), checked to be finite.
+
+        With ``tta``, the mean over the eight flips and quarter turns of the input, each
+        turned back (the x8 self-ensemble): eight times the work for a cleaner output.
+        """
+        if self.settings.tta:
+            out = torch.stack([undo_dihedral(self._forward_once(dihedral(batch, k)), k) for k in range(8)]).mean(0)
+        else:
+            out = self._forward_once(batch)
+        if not bool(torch.isfinite(out).all()):  # never let NaN/inf pass as black or white pixels
+            bad = int((~torch.isfinite(out)).sum())
+            precision = str(self.dtype).split(".")[-1]
+            raise NonFiniteOutputError(
+                f"model {self.spec.name!r} output holds NaN/inf values (non-finite: {bad} of {out.numel()} "
+                f"at {precision}); the weights or the precision (--precision) are unsuitable for this input")
+        return out
+
+    def _forward_once(self, batch: torch.Tensor) -> torch.Tensor:
+        """Pad to the size multiple, run, crop back."""
         h, w = batch.shape[-2:]
         m = self.spec.size_multiple
         ph, pw = (-h) % m, (-w) % m
@@ -264,15 +307,8 @@ class Restorer:
         if self.device.type == "cuda":
             batch = batch.contiguous(memory_format=torch.channels_last)
         with torch.inference_mode(), self._autocast():
-            out = self.model(batch)
-        out = out[..., :h, :w].float()
-        if not bool(torch.isfinite(out).all()):  # never let NaN/inf pass as black or white pixels
-            bad = int((~torch.isfinite(out)).sum())
-            precision = str(self.dtype).split(".")[-1]
-            raise NonFiniteOutputError(
-                f"model {self.spec.name!r} output holds NaN/inf values (non-finite: {bad} of {out.numel()} "
-                f"at {precision}); the weights or the precision (--precision) are unsuitable for this input")
-        return out
+            out = self.run_model(batch)
+        return out[..., :h, :w].float()
 
     def restore_tensor(self, x: torch.Tensor) -> torch.Tensor:
         """Whole-image restoration of an NCHW float tensor in [0, 1] (no tiling)."""

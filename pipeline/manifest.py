@@ -7,21 +7,28 @@ flushed; those inputs are simply done again on the next run. The latest row per 
 from __future__ import annotations
 
 import io
+import json
+import logging
 import time
 import uuid
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Iterable
 
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from .storage import Storage, with_retries
 
 MANIFEST_DIR = "_manifest"
+log = logging.getLogger(__name__)
+READ_CONCURRENCY = 32  # manifest parts read at once
+RUNS_DIR = f"{MANIFEST_DIR}/runs"  # one JSON summary per finished run (counts, model, settings)
 CLAIMS_DIR = "_manifest_claims"  # output keys each run set out to write, recorded before its first image
 SCHEMA = pa.schema([
     ("key", pa.string()),
     ("output_key", pa.string()),
-    ("status", pa.string()),  # ok | failed | skipped
+    ("status", pa.string()),  # ok | failed (runs before run summaries also wrote "skipped" rows)
     ("error_class", pa.string()),
     ("error_message", pa.string()),
     ("width", pa.int64()),
@@ -71,6 +78,15 @@ class ManifestWriter:
         if len(self.buffer) >= self.every_rows or time.monotonic() - self.last_flush >= self.every_seconds:
             self.flush()
 
+    def close(self) -> None:
+        """Flush, then merge this run's parts into one, so later runs read one object per run."""
+        self.flush()
+        if self.parts > 1:
+            try:
+                compact(self.output, MANIFEST_DIR, self.run_id)
+            except Exception as exc:  # the small parts stay and are read as before
+                log.warning("compacting the manifest parts of run %s failed: %s", self.run_id, exc)
+
     def flush(self) -> None:
         if not self.buffer:
             return
@@ -82,6 +98,27 @@ class ManifestWriter:
         self.parts += 1
         self.buffer = []
         self.last_flush = time.monotonic()
+
+
+def write_run_summary(output: Storage, summary: dict[str, Any]) -> None:
+    """Record a finished run's counts and settings in ``_manifest/runs/RUN.json``.
+
+    Inputs a rerun skips get no row (a nightly rerun over a large archive would otherwise add
+    a row per object every night); their count is here.
+    """
+    output.write(f"{RUNS_DIR}/{summary['run_id']}.json", json.dumps(summary, indent=1, default=str).encode())
+
+
+def read_run_summaries(output: Storage) -> list[dict[str, Any]]:
+    """Every run summary under ``output``, oldest first."""
+    folder = output.path(RUNS_DIR)
+    output.fs.invalidate_cache(folder)
+    try:
+        paths = sorted(with_retries(lambda: output.fs.find(folder), f"list {output.display(RUNS_DIR)}"))
+    except FileNotFoundError:
+        return []
+    return [json.loads(with_retries(lambda path=path: output.fs.cat_file(path), f"read {path}"))
+            for path in paths if path.endswith(".json")]
 
 
 def write_claim(output: Storage, run_id: str, output_keys: Iterable[str]) -> None:
@@ -100,15 +137,29 @@ def claimed_outputs(output: Storage, manifest: pa.Table) -> set[str]:
     return keys
 
 
-def _parquet_parts(output: Storage, folder_key: str) -> list[bytes]:
+def _part_paths(output: Storage, folder_key: str) -> list[str]:
     folder = output.path(folder_key)
     output.fs.invalidate_cache(folder)
     try:
-        paths = [p for p in with_retries(lambda: output.fs.find(folder), f"list {output.display(folder_key)}")
-                 if p.endswith(".parquet")]
+        found = with_retries(lambda: output.fs.find(folder), f"list {output.display(folder_key)}")
     except FileNotFoundError:
-        paths = []
-    return [with_retries(lambda path=path: output.fs.cat_file(path), f"read {path}") for path in sorted(paths)]
+        return []
+    return sorted(p for p in found if p.endswith(".parquet"))
+
+
+def _read_parts(output: Storage, paths: list[str]) -> list[bytes]:
+    """The objects at ``paths``, read concurrently (an object store answers each read slowly, but many at once)."""
+    def read(path: str) -> bytes:
+        return with_retries(lambda: output.fs.cat_file(path), f"read {path}")
+
+    if len(paths) <= 1:
+        return [read(p) for p in paths]
+    with ThreadPoolExecutor(max_workers=READ_CONCURRENCY) as pool:
+        return list(pool.map(read, paths))
+
+
+def _parquet_parts(output: Storage, folder_key: str) -> list[bytes]:
+    return _read_parts(output, _part_paths(output, folder_key))
 
 
 def read_manifest(output: Storage) -> pa.Table:
@@ -117,16 +168,48 @@ def read_manifest(output: Storage) -> pa.Table:
     return pa.concat_tables(tables) if tables else SCHEMA.empty_table()
 
 
-def latest_rows(table: pa.Table) -> dict[str, dict[str, Any]]:
-    """The most recent ok/failed row for each input key (skipped rows record no work)."""
-    latest: dict[str, dict[str, Any]] = {}
-    for row in table.to_pylist():
-        if row["status"] == "skipped":
-            continue
-        previous = latest.get(row["key"])
-        if previous is None or (row["finished_at"] or 0) >= (previous["finished_at"] or 0):
-            latest[row["key"]] = row
-    return latest
+def compact(output: Storage, folder_key: str = MANIFEST_DIR, run_id: str | None = None) -> tuple[int, int]:
+    """Merge the Parquet parts under ``folder_key`` (only ``run_id``'s, if given) into one part.
+
+    The merged part is written before the small ones are removed, so a reader never
+    misses a row (at worst it sees one twice, which :func:`latest_rows` absorbs).
+    Returns (parts merged, rows).
+    """
+    paths = [p for p in _part_paths(output, folder_key) if run_id is None or f"-{run_id}-" in p.rsplit("/", 1)[-1]]
+    if len(paths) <= 1:
+        return len(paths), 0
+    schema = SCHEMA if folder_key == MANIFEST_DIR else None
+    tables = [pq.read_table(io.BytesIO(data)) for data in _read_parts(output, paths)]
+    table = pa.concat_tables([t.cast(schema) for t in tables] if schema else tables)
+    sink = io.BytesIO()
+    pq.write_table(table, sink)
+    stem = f"part-{run_id}-compacted" if run_id else f"part-compacted-{new_run_id()}"
+    output.write(f"{folder_key}/{stem}.parquet", sink.getvalue())
+    root = output.root.rstrip("/") + "/"
+    for path in paths:
+        with_retries(lambda path=path: output.fs.rm_file(path), f"remove {output.display(path[len(root):])}")
+    return len(paths), table.num_rows
+
+
+def latest_rows(table: pa.Table, columns: Iterable[str] = FIELDS) -> dict[str, dict[str, Any]]:
+    """The most recent ok/failed row for each input key (skipped rows record no work), with ``columns``.
+
+    Vectorised: a million-row manifest is reduced in Arrow, and only one dict per key is built.
+    Of rows finished at the same time, the later one in the table wins.
+    """
+    table = table.filter(pc.not_equal(table["status"], "skipped"))
+    if table.num_rows == 0:
+        return {}
+    table = table.append_column("_order", pa.array(range(table.num_rows), pa.int64()))
+    order = pc.sort_indices(table, sort_keys=[("key", "ascending", "at_start"), ("finished_at", "ascending", "at_start"),
+                                              ("_order", "ascending", "at_start")])
+    table = table.take(order)
+    keys = table["key"].combine_chunks()
+    later_differs = pc.not_equal(keys.slice(0, len(keys) - 1), keys.slice(1)).fill_null(True)
+    kept = table.filter(pa.concat_arrays([later_differs, pa.array([True])]))  # each key's last row
+    names = list(dict.fromkeys(["key", *columns]))
+    values = [kept[name].to_pylist() for name in names]
+    return {row[0]: dict(zip(names, row)) for row in zip(*values)}
 
 
 def rows_by_status(rows: Iterable[dict[str, Any]]) -> dict[str, int]:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 import posixpath
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Callable, Iterable
 
@@ -147,9 +148,11 @@ def make_plan(src: str, dst: str, *, storage_options: dict[str, Any] | None = No
             items.append(WorkItem(key, "", error=str(exc)))
     if overwrite:
         return Plan(source, output, items, out_format=out_format)
-    table = read_manifest(output)
-    existing = set(output.list(include=["*"])) if output.exists_prefix() else set()
-    latest = latest_rows(table)
+    with ThreadPoolExecutor(max_workers=2) as pool:  # two slow reads of an object store, side by side
+        listing = pool.submit(lambda: set(output.list(include=["*"])) if output.exists_prefix() else set())
+        table = read_manifest(output)
+        existing = listing.result()
+    latest = latest_rows(table, ("status", "output_key"))
     ours = claimed_outputs(output, table) if existing else set()
     todo, skipped, retried = [], [], 0
     for item in items:

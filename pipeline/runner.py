@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import os
+import socket
 import sys
 import time
 import itertools
@@ -15,7 +16,7 @@ from . import codecs, stages
 from .engine import EngineSettings, ModelSpec, Restorer, check_settings, resolve_model
 from .graph import ClusterOptions, cpu_replica_threads, run_graph
 from .lease import DestinationLease
-from .manifest import ManifestWriter, empty_row, new_run_id, write_claim
+from .manifest import ManifestWriter, empty_row, new_run_id, write_claim, write_run_summary
 from .plan import Plan, WorkItem, make_plan
 from .redact import redact
 from .storage import Storage
@@ -208,8 +209,6 @@ def execute(plan: Plan, spec: JobSpec, *, executor: str = "ray", cluster: Cluste
     # Claim the outputs first: a rerun after a crash recognises them as this destination's own.
     if runnable:
         write_claim(plan.output, result.run_id, [item.output_key for item in runnable])
-    for item in plan.skipped:
-        writer.add({**empty_row(item.key, item.output_key), "status": "skipped"})
     progress = Progress(len(plan.todo), quiet, stream)
     start = time.perf_counter()
 
@@ -244,12 +243,22 @@ def execute(plan: Plan, spec: JobSpec, *, executor: str = "ray", cluster: Cluste
                     break
     finally:
         progress.close()
+        result.seconds = time.perf_counter() - start
         try:
-            writer.flush()
+            writer.close()
+            write_run_summary(plan.output, run_summary(result, spec, executor, model))
         finally:
             plan.release()
-        result.seconds = time.perf_counter() - start
     return result
+
+
+def run_summary(result: JobResult, spec: JobSpec, executor: str, model: ModelSpec | None) -> dict[str, Any]:
+    """What ``_manifest/runs/RUN.json`` records of a run (the rows record each image)."""
+    return {"run_id": result.run_id, "finished_at": time.time(), "seconds": round(result.seconds, 3),
+            "ok": result.ok, "failed": result.failed, "skipped": result.skipped,
+            "stopped_early": result.stopped_early, "executor": executor,
+            "model": redact(model.name if model else spec.model or ""), "model_sha256": model.sha256 if model else None,
+            "task": spec.task, "settings": spec.settings.as_dict(), "host": socket.gethostname()}
 
 
 def summary(result: JobResult, plan: Plan, limit: int = 5) -> str:

@@ -80,12 +80,16 @@ def _merge(base: dict[str, Any], override: dict[str, Any], path: str = "") -> di
     return out
 
 
-def load_config(text_or_dict: str | dict[str, Any]) -> dict[str, Any]:
-    """Parse and complete an experiment config (YAML text or a dict)."""
+def load_config(text_or_dict: str | dict[str, Any], overrides: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Parse and complete an experiment config (YAML text or a dict).
+
+    ``overrides`` (the command line's, same shape as the config) are applied before the
+    config is validated, so they are checked like the file's own values.
+    """
     raw = yaml.safe_load(text_or_dict) if isinstance(text_or_dict, str) else text_or_dict
     if not isinstance(raw, dict):
         raise ValueError("a training config must be a YAML mapping")
-    cfg = _merge(DEFAULTS, raw)
+    cfg = _merge(_merge(DEFAULTS, raw), overrides or {})
     if not cfg["name"]:
         raise ValueError("config needs a run 'name'")
     safe_relative_key(cfg["name"])
@@ -95,8 +99,10 @@ def load_config(text_or_dict: str | dict[str, Any]) -> dict[str, Any]:
         raise ValueError("config needs data.degradation for unpaired (clean-only) training data")
     if cfg["train"]["steps"] < 1:
         raise ValueError("train.steps must be at least 1")
-    if cfg["train"]["batch_size"] % cfg["scaling"]["num_workers"]:
-        raise ValueError("train.batch_size must be divisible by scaling.num_workers")
+    batch, workers = cfg["train"]["batch_size"], cfg["scaling"]["num_workers"]
+    if workers < 1 or batch % workers:
+        raise ValueError(f"train.batch_size {batch} must be divisible by scaling.num_workers {workers} "
+                         "(each worker takes an equal share of the batch)")
     if cfg["optim"]["warmup_steps"] is None:
         cfg["optim"]["warmup_steps"] = max(1, cfg["train"]["steps"] // 50)
     models.build(cfg["model"]["arch"], **cfg["model"]["config"])  # fail early on a bad model config

@@ -142,6 +142,41 @@ def test_bf16_autocast_runs_on_cpu_when_asked(spec):
     assert psnr(out, ref) > 30
 
 
+def test_self_ensemble_averages_the_eight_turned_back_outputs(spec):
+    from pipeline.engine import dihedral, undo_dihedral
+
+    x = torch.rand(1, 3, 24, 32)
+    assert all(torch.equal(undo_dihedral(dihedral(x, k), k), x) for k in range(8))
+    assert len({tuple(dihedral(x, k).flatten()[:8].tolist()) for k in range(8)}) == 8  # eight distinct views
+    plain = Restorer(spec, EngineSettings(precision="fp32"))
+    ensemble = Restorer(spec, EngineSettings(precision="fp32", tta=True)).restore_tensor(x)
+    by_hand = torch.stack([undo_dihedral(plain.restore_tensor(dihedral(x, k)), k) for k in range(8)]).mean(0)
+    assert torch.allclose(ensemble, by_hand, atol=1e-6)
+    assert not torch.allclose(ensemble, plain.restore_tensor(x), atol=1e-4)
+
+
+# Fast modes may not cost more than this against fp32 eager, in PSNR to the clean photo (README, "Engine").
+FAST_MODE_PSNR_BOUND_DB = 0.05
+
+
+@pytest.mark.parametrize("fast", [EngineSettings(precision="bf16"), EngineSettings(precision="auto"),
+                                  EngineSettings(precision="bf16", compile=True)], ids=["bf16", "auto", "compiled"])
+def test_fast_modes_stay_within_bound_of_fp32_on_real_photos(fast):
+    """The shipped denoiser on three noisy photos: each fast mode's PSNR to the clean photo is fp32's +- 0.05 dB."""
+    from dataclasses import replace
+
+    spec = resolve_model(None, "denoise")
+    rng = np.random.default_rng(0)
+    changes = []
+    for name in ("astronaut", "coffee", "chelsea"):
+        clean = np.ascontiguousarray(photo(name)[:192, :192])
+        noisy = np.clip(clean + rng.normal(0, 25, clean.shape), 0, 255).astype(np.uint8)
+        outputs = [Restorer(spec, replace(settings, tile=128, overlap=16)).restore_arrays([float_job(noisy)])[0]
+                   for settings in (EngineSettings(precision="fp32"), fast)]
+        changes.append(psnr(outputs[1], clean) - psnr(outputs[0], clean))
+    assert max(abs(c) for c in changes) <= FAST_MODE_PSNR_BOUND_DB, changes
+
+
 def test_cli_errors_name_file_and_reason(tmp_path, small_model):
     runner = CliRunner()
     bad = tmp_path / "broken.png"
@@ -188,3 +223,22 @@ def test_large_image_peak_memory_is_bounded():
     report = json.loads(proc.stdout.strip().splitlines()[-1])
     assert report["output_shape"] == [4000, 4000, 3]
     assert report["peak_rss_gib"] < 1.5  # input 0.045 GiB: the image is held compactly, never as float
+
+
+def test_model_speed_benchmark_quick_mode_reports_every_mode():
+    """The seconds-long form of benchmarks/model_speed.py: one JSON line with the README's fields."""
+    import json
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    repo = Path(__file__).resolve().parent.parent
+    proc = subprocess.run([sys.executable, "-m", "benchmarks.model_speed", "--quick"], cwd=repo, capture_output=True,
+                          text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    report = json.loads(proc.stdout.strip().splitlines()[-1])
+    modes = {row["mode"] for row in report["model_only"]}
+    assert {"fp32", "fp32_channels_last"} <= modes and modes <= set(report["quality"])
+    assert all(row["images_per_s"] > 0 and row["speedup_over_fp32_eager"] > 0 for row in report["model_only"])
+    assert report["quality_change_db"]["fp32"] == 0.0
+    assert report["engine"]["fp32"]["tiles"] >= 1 and report["engine"]["fp32"]["seconds_over_model_only_per_tile"] > 0

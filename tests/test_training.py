@@ -131,6 +131,16 @@ def test_config_errors_are_specific():
         load_config({"name": "x", "data": {"train": {"clean": "a"}}})
 
 
+def test_num_workers_override_is_checked_against_the_batch(tmp_path):
+    """`--num-workers 3` with batch_size 8 used to train silently with a batch of 6 (8 // 3 x 3)."""
+    config = tmp_path / "cfg.yaml"
+    config.write_text("name: x\ndata: {train: {clean: a}, degradation: {kind: gaussian}}\ntrain: {batch_size: 8}\n")
+    result = CliRunner().invoke(main, ["train", str(config), "--num-workers", "3"])
+    assert result.exit_code == 2, result.output
+    assert "batch_size 8" in result.output and "num_workers 3" in result.output
+    assert load_config(config.read_text(), {"scaling": {"num_workers": 4}})["scaling"]["num_workers"] == 4
+
+
 def test_fine_tune_starts_from_the_init_weights(ray_runtime, tmp_path):
     import models
     from models.checkpoints import CheckpointError

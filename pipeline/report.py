@@ -1,0 +1,722 @@
+"""A restore run as one self-contained static HTML page, built from its manifest.
+
+The page holds a summary (counts, throughput, model, settings, time per node), every
+failure with its reason, a histogram of per-image seconds, and a gallery of sampled
+before/after pairs with 1:1 detail crops where the restoration changed the image most.
+Everything is inline (images as base64 JPEG data URIs, the histogram as SVG, the
+comparison slider as a few lines of CSS and JavaScript), so the file can be mailed,
+archived or opened from a bucket without a server or network.
+
+Display: 16-bit samples are scaled linearly to 8 bits (``v / 257``), grey stays grey,
+alpha is not shown, and a multi-page image shows its first page. Thumbnails are at most
+``THUMB_SIZE`` pixels on the long side; inputs are never embedded at full size.
+
+The page checks itself when it opens: once every image has decoded, the promise
+``window.reportReady`` resolves to, and the hidden ``#selfcheck`` element's ``data-``
+attributes hold, the counts of images, decoded images and gallery pairs, the errors seen
+and the milliseconds since navigation. :func:`browser_check` reads them back from headless
+Chromium through the DevTools protocol.
+"""
+from __future__ import annotations
+
+import base64
+import hashlib
+import html
+import io
+import json
+import math
+import os
+import shutil
+import subprocess
+import tempfile
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from .manifest import MANIFEST_DIR, read_manifest, read_run_summaries
+from .redact import redact
+from .storage import Storage
+
+DEFAULT_SAMPLE = 24
+THUMB_SIZE = 480  # pixels on the long side of a gallery thumbnail
+CROP_SIZE = 128  # side of a 1:1 detail crop
+CROPS_PER_PAIR = 2
+GALLERY_MAX_PIXELS = 25_000_000  # larger outputs (all pages) are left out of the gallery: GBs to decode
+GALLERY_WORKERS = 4  # pairs made at once (each holds two decoded images)
+THUMB_QUALITY, CROP_QUALITY = 80, 90  # thumbnails 4:2:0 (an overview), crops 4:4:4 (every detail)
+
+
+def report_key(run_id: str) -> str:
+    """Where ``mirnet restore --report`` (and ``mirnet report`` without ``--out``) writes: inside DST's manifest."""
+    return f"{MANIFEST_DIR}/report-{run_id}.html"
+
+
+@dataclass
+class Run:
+    """One run's manifest rows and, when it finished cleanly, its summary record."""
+
+    run_id: str
+    rows: list[dict[str, Any]]
+    summary: dict[str, Any] | None
+    runs: list[str]  # every run id in DST, oldest first
+
+
+@dataclass
+class Pair:
+    """One gallery entry: data URIs for the thumbnails and crops, or why there are none."""
+
+    key: str
+    row: dict[str, Any]
+    before: str = ""
+    after: str = ""
+    size: tuple[int, int] = (0, 0)  # thumbnail (width, height)
+    crops: list[tuple[tuple[int, int, int, int], str, str]] = field(default_factory=list)  # (x, y, w, h), uris
+    upscaled: bool = False  # the input was resized to the output's size for comparison (super-resolution)
+    scores: dict[str, float] | None = None
+    input_scores: dict[str, float] | None = None
+    note: str = ""  # a problem with this pair (missing input, no truth, ...)
+
+
+def load_run(output: Storage, run_id: str | None = None) -> Run:
+    """The rows of ``run_id`` (default: the run that finished last) in ``output``'s manifest.
+
+    Raises ValueError when DST has no recorded run, or not the one asked for.
+    """
+    rows = read_manifest(output).to_pylist()
+    summaries = {s["run_id"]: s for s in read_run_summaries(output)}
+    finished: dict[str, float] = {}
+    for row in rows:
+        finished[row["run_id"]] = max(finished.get(row["run_id"], 0.0), row["finished_at"] or 0.0)
+    for rid, s in summaries.items():
+        finished[rid] = max(finished.get(rid, 0.0), float(s.get("finished_at") or 0.0))
+    runs = sorted(finished, key=lambda rid: (finished[rid], rid))
+    if not runs:
+        raise ValueError(f"{output.display(MANIFEST_DIR)}: no run recorded (is DST the destination of a restore?)")
+    chosen = run_id or runs[-1]
+    if chosen not in finished:
+        raise ValueError(f"no run {chosen!r} in {output.display(MANIFEST_DIR)}; runs there: "
+                         f"{', '.join(runs[-5:])}{' (latest last)' if len(runs) > 1 else ''}")
+    return Run(chosen, [r for r in rows if r["run_id"] == chosen], summaries.get(chosen), runs)
+
+
+def sample_rows(rows: list[dict[str, Any]], count: int) -> list[dict[str, Any]]:
+    """``count`` ok rows, the same ones every time for the same run: those whose key hashes lowest, in key order."""
+    ok = [r for r in rows if r["status"] == "ok" and r["output_key"]]
+    ranked = sorted(ok, key=lambda r: hashlib.blake2b(r["key"].encode(), digest_size=8).digest())
+    return sorted(ranked[:max(count, 0)], key=lambda r: r["key"])
+
+
+def display_array(samples: np.ndarray) -> np.ndarray:
+    """(H, W, C) uint8/uint16 samples as uint8 for display: (H, W) grey or (H, W, 3) colour."""
+    if samples.dtype == np.uint16:
+        samples = ((samples.astype(np.uint32) + 128) // 257).astype(np.uint8)
+    elif samples.dtype != np.uint8:
+        raise ValueError(f"cannot display samples of type {samples.dtype}")
+    return samples[:, :, 0] if samples.ndim == 3 and samples.shape[2] == 1 else samples
+
+
+def as_float(samples: np.ndarray) -> np.ndarray:
+    """Integer samples as floats in [0, 1], (H, W, C)."""
+    return samples.astype(np.float64) / float(np.iinfo(samples.dtype).max)
+
+
+def jpeg_uri(array: np.ndarray, quality: int, full_colour: bool = False) -> str:
+    """A uint8 (H, W) or (H, W, 3) array as a ``data:image/jpeg`` URI (grey stays a one-channel JPEG).
+
+    ``full_colour``: no chroma subsampling (4:4:4), so that colour noise shows as it is.
+    """
+    from PIL import Image
+
+    buffer = io.BytesIO()
+    Image.fromarray(array).save(buffer, "JPEG", quality=quality, subsampling=0 if full_colour else 2)
+    return "data:image/jpeg;base64," + base64.b64encode(buffer.getvalue()).decode("ascii")
+
+
+def resized(array: np.ndarray, size: tuple[int, int]) -> np.ndarray:
+    """A uint8 display array resized to (width, height) (Lanczos; the identity when the size matches)."""
+    from PIL import Image
+
+    if (array.shape[1], array.shape[0]) == size:
+        return array
+    return np.asarray(Image.fromarray(array).resize(size, Image.Resampling.LANCZOS, reducing_gap=3.0))
+
+
+def change_windows(before: np.ndarray, after: np.ndarray, size: int = CROP_SIZE,
+                   count: int = CROPS_PER_PAIR) -> list[tuple[int, int, int, int]]:
+    """Up to ``count`` non-overlapping (x, y, w, h) windows where ``before`` and ``after`` differ most.
+
+    Both are uint8 display arrays of the same height and width, (H, W) or (H, W, C). The
+    change is the absolute difference summed over the channels and the window; windows
+    start on a grid of a quarter window, and the sums are taken over blocks of that grid, so
+    a large image costs one float32 plane of memory.
+    """
+    a = before if before.ndim == 3 else before[:, :, None]
+    b = after if after.ndim == 3 else after[:, :, None]
+    height, width = a.shape[:2]
+    h, w = min(size, height), min(size, width)
+    step_y, step_x = max(1, h // 4), max(1, w // 4)
+    rows, cols = height // step_y, width // step_x
+    diff = np.zeros((rows * step_y, cols * step_x), np.float32)
+    for c in range(max(a.shape[2], b.shape[2])):
+        diff += np.abs(a[:rows * step_y, :cols * step_x, min(c, a.shape[2] - 1)].astype(np.int16)
+                       - b[:rows * step_y, :cols * step_x, min(c, b.shape[2] - 1)].astype(np.int16))
+    blocks = diff.reshape(rows, step_y, cols, step_x).sum(axis=(1, 3), dtype=np.float64)
+    table = np.zeros((rows + 1, cols + 1))
+    table[1:, 1:] = blocks.cumsum(0).cumsum(1)
+    span_y, span_x = h // step_y, w // step_x  # blocks per window (at most rows, cols)
+    i0, j0 = np.arange(rows - span_y + 1)[:, None], np.arange(cols - span_x + 1)[None, :]
+    sums = table[i0 + span_y, j0 + span_x] - table[i0, j0 + span_x] - table[i0 + span_y, j0] + table[i0, j0]
+    windows: list[tuple[int, int, int, int]] = []
+    for flat in np.argsort(sums, axis=None, kind="stable")[::-1]:
+        i, j = divmod(int(flat), sums.shape[1])
+        y, x = min(i * step_y, height - h), min(j * step_x, width - w)
+        if all(abs(y - wy) >= h or abs(x - wx) >= w for wx, wy, _, _ in windows):
+            windows.append((x, y, w, h))
+            if len(windows) == count:
+                break
+    return windows
+
+
+def _page(storage: Storage, key: str) -> tuple[np.ndarray, int]:
+    """The first page's colour samples of an image in ``storage``, and its page count."""
+    from . import codecs
+
+    image = codecs.decode(storage.read(key), storage.display(key))
+    return image.pages[0].samples, len(image.pages)
+
+
+def _scores(restored: np.ndarray, target: np.ndarray, crop_border: int) -> dict[str, float] | None:
+    from .metrics import score
+
+    if restored.shape != target.shape:
+        return None
+    return score(as_float(restored), as_float(target), crop_border).as_dict()
+
+
+def make_pair(row: dict[str, Any], source: Storage, output: Storage, truth: Storage | None = None,
+              crop_border: int = 0) -> Pair:
+    """Thumbnails, detail crops and (with ``truth``) PSNR/SSIM for one ok row; problems become the pair's note."""
+    pair = Pair(row["key"], row)
+    try:
+        before_samples, _ = _page(source, row["key"])
+        after_samples, pages = _page(output, row["output_key"])
+    except Exception as exc:  # a moved input or a deleted output: say so in the gallery
+        pair.note = redact(f"cannot show: {type(exc).__name__}: {exc}")
+        return pair
+    before, after = display_array(before_samples), display_array(after_samples)
+    if before.ndim != after.ndim:  # a grey input restored to colour, or the reverse: compare in colour
+        before, after = [np.repeat(x[:, :, None], 3, axis=2) if x.ndim == 2 else x for x in (before, after)]
+    height, width = after.shape[:2]
+    pair.upscaled = before.shape[:2] != after.shape[:2]
+    if pair.upscaled:
+        before = resized(before, (width, height))
+    for x, y, w, h in change_windows(before, after):
+        pair.crops.append(((x, y, w, h), jpeg_uri(before[y:y + h, x:x + w], CROP_QUALITY, True),
+                           jpeg_uri(after[y:y + h, x:x + w], CROP_QUALITY, True)))
+    scale = min(1.0, THUMB_SIZE / max(width, height))
+    pair.size = (max(1, round(width * scale)), max(1, round(height * scale)))
+    pair.before = jpeg_uri(resized(before, pair.size), THUMB_QUALITY)
+    pair.after = jpeg_uri(resized(after, pair.size), THUMB_QUALITY)
+    if pages > 1:
+        pair.note = f"page 1 of {pages}"
+    if truth is not None:
+        try:
+            target, _ = _page(truth, row["key"])
+        except Exception as exc:
+            pair.note = redact(f"no ground truth: {type(exc).__name__}: {exc}")
+            return pair
+        pair.scores = _scores(after_samples, target, crop_border)
+        pair.input_scores = _scores(before_samples, target, crop_border)
+        if pair.scores is None:
+            pair.note = f"ground truth is {target.shape[1]}x{target.shape[0]}x{target.shape[2]}, output " \
+                        f"{after_samples.shape[1]}x{after_samples.shape[0]}x{after_samples.shape[2]}: not scored"
+    return pair
+
+
+def make_pairs(rows: list[dict[str, Any]], source: Storage, output: Storage, truth: Storage | None = None,
+               crop_border: int = 0, workers: int | None = None) -> list[Pair]:
+    """:func:`make_pair` for every row on a thread pool (decoding and resizing release the GIL), in row order."""
+    if not rows:
+        return []
+    workers = workers or min(GALLERY_WORKERS, len(rows), (os.cpu_count() or 1) + 2)
+    with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="report") as pool:
+        return list(pool.map(lambda row: make_pair(row, source, output, truth, crop_border), rows))
+
+
+def seconds_histogram(rows: list[dict[str, Any]]) -> str:
+    """Inline SVG: a histogram of per-image seconds, ok and failed rows stacked ('' when no row has seconds)."""
+    ok = [r["seconds"] for r in rows if r["status"] == "ok" and r["seconds"] is not None]
+    failed = [r["seconds"] for r in rows if r["status"] == "failed" and r["seconds"]]
+    if not ok and not failed:
+        return ""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    from matplotlib.figure import Figure
+
+    values = ok + failed
+    bins = np.histogram_bin_edges(values, bins=min(40, max(5, int(math.sqrt(len(values))))))
+    figure = Figure(figsize=(7.5, 2.6))
+    axes = figure.add_subplot()
+    data, colours, labels = [], [], []
+    for name, series, colour in (("ok", ok, "#3b7dd8"), ("failed", failed, "#d9534f")):
+        if series:
+            data.append(series)
+            colours.append(colour)
+            labels.append(f"{name} ({len(series)})")
+    axes.hist(data, bins=bins, stacked=True, color=colours, label=labels)
+    axes.set_xlabel("seconds per image")
+    axes.set_ylabel("images")
+    axes.legend(frameon=False)
+    for side in ("top", "right"):
+        axes.spines[side].set_visible(False)
+    figure.tight_layout()
+    buffer = io.StringIO()
+    with matplotlib.rc_context({"svg.fonttype": "none", "svg.hashsalt": "report"}):
+        figure.savefig(buffer, format="svg", metadata={"Date": None})
+    text = buffer.getvalue()
+    return text[text.index("<svg"):]
+
+
+# ---------------------------------------------------------------------------------------------- page
+
+
+def _e(value: Any) -> str:
+    return html.escape("" if value is None else str(value))
+
+
+def _when(timestamp: float | None) -> str:
+    return time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime(timestamp)) if timestamp else "unknown"
+
+
+def _table(head: list[str] | None, body: list[list[Any]], attrs: str = "") -> str:
+    """A table of escaped cells (``head`` None: no header row)."""
+    cells = "".join(f"<th>{_e(h)}</th>" for h in head or [])
+    rows = "".join("<tr>" + "".join(f"<td>{_e(c)}</td>" for c in r) + "</tr>" for r in body)
+    return f"<table{attrs}>{f'<thead><tr>{cells}</tr></thead>' if head else ''}<tbody>{rows}</tbody></table>"
+
+
+def _first(rows: list[dict[str, Any]], column: str) -> Any:
+    return next((r[column] for r in rows if r.get(column)), None)
+
+
+def run_facts(run: Run) -> dict[str, Any]:
+    """The summary figures of a run, from its summary record where there is one, else from its rows."""
+    rows, s = run.rows, run.summary or {}
+    counts = {name: sum(r["status"] == name for r in rows) for name in ("ok", "failed", "skipped")}
+    if s:
+        counts["skipped"] = int(s.get("skipped") or 0)
+    stamps = [r["finished_at"] for r in rows if r["finished_at"]]
+    seconds = s.get("seconds")
+    timed_by = "the run's own clock"
+    if seconds is None:
+        seconds = (max(stamps) - min(stamps)) if len(stamps) > 1 else sum(r["seconds"] or 0 for r in rows)
+        timed_by = "first to last finished image"
+    done = counts["ok"] + counts["failed"]
+    megapixels = sum((r["out_width"] or 0) * (r["out_height"] or 0) for r in rows if r["status"] == "ok") / 1e6
+    settings = s.get("settings")
+    if settings is None and _first(rows, "settings"):
+        settings = json.loads(_first(rows, "settings"))
+    return {"counts": counts, "seconds": float(seconds or 0.0), "timed_by": timed_by,
+            "images_per_s": done / seconds if seconds else 0.0,
+            "megapixels_per_s": megapixels / seconds if seconds else 0.0, "megapixels": megapixels,
+            "model": s.get("model") or _first(rows, "model"),
+            "model_sha256": s.get("model_sha256") or _first(rows, "model_sha256"),
+            "task": s.get("task"), "executor": s.get("executor"), "host": s.get("host"),
+            "finished_at": s.get("finished_at") or (max(stamps) if stamps else None),
+            "stopped_early": bool(s.get("stopped_early")), "settings": settings or {}}
+
+
+def node_table(rows: list[dict[str, Any]]) -> list[list[Any]]:
+    """Per node (in-process runs: 'this process'): images, ok, failed, busy seconds, mean seconds, span."""
+    nodes: dict[str, list[dict[str, Any]]] = {}
+    for row in rows:
+        if row["status"] in ("ok", "failed"):
+            nodes.setdefault(row["node"] or "this process", []).append(row)
+    table = []
+    for node, group in sorted(nodes.items()):
+        busy = sum(r["seconds"] or 0.0 for r in group)
+        stamps = [r["finished_at"] for r in group if r["finished_at"]]
+        table.append([node, len(group), sum(r["status"] == "ok" for r in group),
+                      sum(r["status"] == "failed" for r in group), f"{busy:.2f}", f"{busy / len(group):.3f}",
+                      f"{max(stamps) - min(stamps):.1f}" if len(stamps) > 1 else "-"])
+    return table
+
+
+def _score_text(scores: dict[str, float] | None) -> str:
+    return f"{scores['psnr']:.2f} dB / {scores['ssim']:.4f}" if scores else "n/a"
+
+
+def _pair_html(pair: Pair) -> str:
+    row = pair.row
+    shape = f"{row['width']}×{row['height']}"
+    if (row["out_width"], row["out_height"]) != (row["width"], row["height"]):
+        shape += f" → {row['out_width']}×{row['out_height']}"
+    facts = [shape, f"{row['mode'] or '?'}", f"{row['bit_depth'] or '?'}-bit",
+             f"{row['seconds']:.2f} s" if row["seconds"] is not None else ""]
+    head = (f'<figcaption><code>{_e(pair.key)}</code><span class="facts">'
+            f'{_e(" · ".join(f for f in facts if f))}</span></figcaption>')
+    if not pair.before:
+        return (f'<figure class="pair missing" data-key="{_e(pair.key)}">{head}'
+                f'<p class="note">{_e(pair.note)}</p></figure>')
+    width, height = pair.size
+    before_label = "before (upscaled for comparison)" if pair.upscaled else "before"
+    compare = (f'<div class="cmp" style="aspect-ratio:{width}/{height};max-width:{width}px">'
+               f'<img class="after" src="{pair.after}" width="{width}" height="{height}" alt="after: {_e(pair.key)}">'
+               f'<img class="before" src="{pair.before}" width="{width}" height="{height}" '
+               f'alt="before: {_e(pair.key)}">'
+               f'<span class="tag l">{_e(before_label)}</span><span class="tag r">after</span>'
+               f'<input class="slider" type="range" min="0" max="100" value="50" '
+               f'aria-label="before/after divider for {_e(pair.key)}"></div>')
+    crops = "".join(
+        f'<div class="crop"><div class="crop-pair"><img src="{b}" width="{w}" height="{h}" alt="before detail">'
+        f'<img src="{a}" width="{w}" height="{h}" alt="after detail"></div>'
+        f'<span>before | after · x {x}, y {y} · {w}×{h} at 1:1</span></div>' for (x, y, w, h), b, a in pair.crops)
+    scores = ""
+    if pair.scores is not None or pair.input_scores is not None:
+        scores = (f'<p class="scores">PSNR / SSIM vs truth: output <b>{_e(_score_text(pair.scores))}</b>, '
+                  f'input {_e(_score_text(pair.input_scores))}</p>')
+    note = f'<p class="note">{_e(pair.note)}</p>' if pair.note else ""
+    return (f'<figure class="pair" data-key="{_e(pair.key)}">{head}{compare}'
+            f'<div class="crops">{crops}</div>{scores}{note}</figure>')
+
+
+def _mean_scores(pairs: list[Pair], attribute: str) -> dict[str, float] | None:
+    found = [getattr(p, attribute) for p in pairs if getattr(p, attribute)]
+    return {name: float(np.mean([s[name] for s in found])) for name in found[0]} if found else None
+
+
+STYLE = """
+:root{--fg:#1d2330;--muted:#5b6475;--line:#dde1e8;--bg:#f6f7f9;--accent:#3b7dd8;--bad:#c9302c}
+*{box-sizing:border-box}
+body{margin:0;font:14px/1.45 system-ui,-apple-system,"Segoe UI",Roboto,sans-serif;color:var(--fg);background:var(--bg)}
+main{max-width:1240px;margin:0 auto;padding:24px}
+h1{font-size:22px;margin:0 0 4px}h2{font-size:17px;margin:28px 0 10px}
+.sub{color:var(--muted);margin:0 0 16px;word-break:break-all}
+.cards{display:flex;flex-wrap:wrap;gap:10px}
+.card{background:#fff;border:1px solid var(--line);border-radius:8px;padding:10px 14px;min-width:120px}
+.card b{display:block;font-size:22px}.card span{color:var(--muted)}
+.card.bad b{color:var(--bad)}
+table{border-collapse:collapse;background:#fff;border:1px solid var(--line);width:100%;margin:6px 0}
+th,td{text-align:left;padding:5px 9px;border-bottom:1px solid var(--line);vertical-align:top}
+th{background:#eef1f5;font-weight:600}
+td{word-break:break-word}
+.kv td:first-child{color:var(--muted);white-space:nowrap;width:1%}
+code,.mono{font-family:ui-monospace,SFMono-Regular,Menlo,Consolas,monospace;font-size:12.5px}
+.cols{display:grid;grid-template-columns:repeat(auto-fit,minmax(380px,1fr));gap:18px}
+.hist svg{width:100%;height:auto;background:#fff;border:1px solid var(--line);border-radius:8px}
+#failures td:nth-child(2){white-space:nowrap}
+.toolbar{margin:0 0 10px;color:var(--muted)}
+#gallery{display:grid;grid-template-columns:repeat(auto-fill,minmax(360px,1fr));gap:16px}
+.pair{margin:0;background:#fff;border:1px solid var(--line);border-radius:8px;padding:10px}
+.pair figcaption{display:flex;flex-direction:column;margin-bottom:6px;word-break:break-all}
+.facts{color:var(--muted);font-size:12.5px}
+.cmp{position:relative;--pos:50%;width:100%;overflow:hidden;background:#222;border-radius:4px}
+.cmp img{display:block;width:100%;height:100%}
+.cmp img.before{position:absolute;inset:0;clip-path:inset(0 calc(100% - var(--pos)) 0 0)}
+.cmp::after{content:"";position:absolute;top:0;bottom:0;left:var(--pos);width:2px;margin-left:-1px;
+  background:#fff;box-shadow:0 0 3px #000;pointer-events:none}
+.cmp .slider{position:absolute;inset:0;width:100%;height:100%;margin:0;opacity:0;cursor:ew-resize}
+.tag{position:absolute;top:6px;font-size:11.5px;color:#fff;background:rgba(0,0,0,.55);padding:1px 6px;
+  border-radius:3px;pointer-events:none}
+.tag.l{left:6px}.tag.r{right:6px}
+#gallery.side .cmp{display:grid;grid-template-columns:1fr 1fr;gap:4px;background:none;max-width:none!important;
+  aspect-ratio:auto!important}
+#gallery.side .cmp img.before{position:static;clip-path:none;order:-1}
+#gallery.side .cmp::after,#gallery.side .cmp .slider{display:none}
+#gallery.side .tag.r{right:auto;left:calc(50% + 8px)}
+.crops{display:flex;flex-wrap:wrap;gap:10px;margin-top:8px}
+.crop span{display:block;color:var(--muted);font-size:11.5px}
+.crop-pair{display:flex;gap:2px}
+.crop-pair img{image-rendering:pixelated;max-width:none}
+.note{color:var(--bad);margin:6px 0 0}
+.scores{margin:6px 0 0}
+footer{color:var(--muted);margin:30px 0 10px;font-size:12px}
+"""
+
+# Installed first, so that an error anywhere in the page (or an image that fails to load) is recorded.
+ERROR_HOOK = """window.reportErrors=[];window.addEventListener("error",function(e){var t=e.target;
+window.reportErrors.push(t&&t.tagName?"failed to load "+t.tagName.toLowerCase()+" "+(t.alt||""):String(e.message));
+},true);"""
+
+SCRIPT = """(function(){
+var gallery=document.getElementById("gallery"),side=document.getElementById("side");
+if(side&&gallery){side.addEventListener("change",function(){gallery.classList.toggle("side",side.checked);});}
+document.querySelectorAll(".cmp .slider").forEach(function(r){
+  r.addEventListener("input",function(){r.parentElement.style.setProperty("--pos",r.value+"%");});});
+var imgs=Array.prototype.slice.call(document.images),check=document.getElementById("selfcheck");
+window.reportReady=Promise.all(imgs.map(function(i){return i.decode().then(function(){return i.naturalWidth>0;},
+  function(){window.reportErrors.push("cannot decode "+(i.alt||"image"));return false;});})).then(function(ok){
+  var result={images:imgs.length,decoded:ok.filter(Boolean).length,errors:window.reportErrors,
+    pairs:document.querySelectorAll("#gallery .pair:not(.missing)").length,ms:Math.round(performance.now())};
+  for(var name in result){check.dataset[name]=name==="errors"?JSON.stringify(result[name]):result[name];}
+  check.dataset.done="1";return result;});
+})();"""
+
+
+def render_html(run: Run, pairs: list[Pair], *, source: Storage, output: Storage, truth: Storage | None,
+                sample: int, left_out: int, histogram: str) -> str:
+    """The page, as a string."""
+    facts = run_facts(run)
+    counts = facts["counts"]
+    cards = "".join(
+        f'<div class="card{cls}"><b>{_e(value)}</b><span>{_e(label)}</span></div>' for value, label, cls in (
+            (counts["ok"], "ok", ""), (counts["failed"], "failed", " bad" if counts["failed"] else ""),
+            (counts["skipped"], "skipped", ""), (f"{facts['seconds']:.1f} s", "run time", ""),
+            (f"{facts['images_per_s']:.2f}", "images / s", ""),
+            (f"{facts['megapixels_per_s']:.2f}", "megapixels / s", "")))
+    about = [["run", run.run_id], ["finished", _when(facts["finished_at"])],
+             ["run time", f"{facts['seconds']:.2f} s ({facts['timed_by']})"],
+             ["model", facts["model"]], ["model sha256", facts["model_sha256"] or "unknown"],
+             ["task", facts["task"] or "unknown"], ["executor", facts["executor"] or "unknown"],
+             ["driver host", facts["host"] or "unknown"],
+             ["output megapixels", f"{facts['megapixels']:.2f}"]]
+    if facts["stopped_early"]:
+        about.append(["stopped", "at the first failure (--fail-fast)"])
+    others = [r for r in run.runs if r != run.run_id]
+    if others:
+        about.append([f"other runs in DST ({len(others)})",
+                      ", ".join(others[-5:]) + (" (the latest five)" if len(others) > 5 else "")])
+    settings = [[name, "default" if value is None else value if isinstance(value, str) else json.dumps(value)]
+                for name, value in sorted(facts["settings"].items())]
+    failed = [r for r in run.rows if r["status"] == "failed"]
+    failed = sorted(failed, key=lambda r: r["key"])
+    failures = _table(["key", "error class", "error message"], [[r["key"], r["error_class"], r["error_message"]]
+                                                                for r in failed],
+                      f' id="failures" data-count="{len(failed)}"{"" if failed else " hidden"}')
+    shown = [p for p in pairs if p.before]
+    gallery_note = (f"{len(shown)} of {counts['ok']} restored images, sampled deterministically"
+                    f"{f' (--sample {sample})' if sample != DEFAULT_SAMPLE else ''}. Drag across an image to move "
+                    f"the divider; the crops below each pair are 1:1 where the image changed most.")
+    if left_out:
+        gallery_note += f" {left_out} image(s) over {GALLERY_MAX_PIXELS // 1_000_000} megapixels left out."
+    quality = ""
+    if truth is not None:
+        mean_out, mean_in = _mean_scores(pairs, "scores"), _mean_scores(pairs, "input_scores")
+        scored = sum(1 for p in pairs if p.scores)
+        quality = (f'<h2>Quality against ground truth</h2><p class="sub">Truth: <code>{_e(truth.url)}</code> '
+                   f'(same relative keys), over the {scored} sampled image(s) that have one.</p>' + _table(
+                       ["", "PSNR (dB)", "SSIM", "PSNR Y (dB)", "SSIM Y"],
+                       [[name] + ([f"{m['psnr']:.2f}", f"{m['ssim']:.4f}", f"{m['psnr_y']:.2f}",
+                                   f"{m['ssim_y']:.4f}"] if m else ["n/a"] * 4)
+                        for name, m in (("output (mean)", mean_out), ("input (mean)", mean_in))], ' id="quality"'))
+    histogram_html = (f'<div class="hist">{histogram}</div>' if histogram
+                      else '<p class="sub">No per-image times recorded.</p>')
+    return f"""<!doctype html>
+<html lang="en"><head><meta charset="utf-8">
+<meta name="viewport" content="width=device-width,initial-scale=1">
+<title>Restore report · {_e(run.run_id)}</title>
+<script>{ERROR_HOOK}</script>
+<style>{STYLE}</style></head>
+<body><main>
+<h1>Restore report</h1>
+<p class="sub">run <code>{_e(run.run_id)}</code> · source <code>{_e(source.url)}</code> →
+destination <code>{_e(output.url)}</code></p>
+<section id="summary"><div class="cards">{cards}</div>
+<div class="cols"><div><h2>Run</h2>{_table(None, about, ' class="kv"')}</div>
+<div><h2>Settings</h2>{_table(None, settings, ' class="kv" id="settings"')}</div></div>
+<div class="cols"><div><h2>Time per node</h2>
+{_table(["node", "images", "ok", "failed", "busy s", "mean s / image", "first→last s"], node_table(run.rows),
+        ' id="nodes"')}</div>
+<div><h2>Seconds per image</h2>{histogram_html}</div></div></section>
+<h2>Failures ({len(failed)})</h2>
+{failures if failed else '<p class="sub">None.</p>' + failures}
+{quality}
+<h2>Before / after</h2>
+<p class="toolbar">{_e(gallery_note)} <label><input type="checkbox" id="side"> side by side</label></p>
+<section id="gallery" data-count="{len(shown)}">{"".join(_pair_html(p) for p in pairs)}</section>
+<footer>Made by <code>mirnet report</code> on {_e(_when(time.time()))}. 16-bit images are shown scaled
+to 8 bits; alpha is not shown.</footer>
+<output id="selfcheck" hidden></output>
+</main><script>{SCRIPT}</script></body></html>
+"""
+
+
+def build_report(output: Storage, source: Storage, *, run_id: str | None = None, sample: int = DEFAULT_SAMPLE,
+                 truth: Storage | None = None, workers: int | None = None) -> tuple[str, Run]:
+    """The report of a run (default: the latest) in ``output``, whose inputs are in ``source``: (html, run)."""
+    run = load_run(output, run_id)
+    if sample and not source.exists_prefix():
+        raise FileNotFoundError(f"SRC {source.url} does not exist (the gallery reads the inputs from there)")
+    facts = run_facts(run)
+    fits = [r for r in run.rows
+            if (r["out_width"] or 0) * (r["out_height"] or 0) * (r["pages"] or 1) <= GALLERY_MAX_PIXELS]
+    chosen = sample_rows(fits, sample)
+    left_out = len(run.rows) - len(fits)  # all of them ok rows: failed ones have no output size
+    crop_border = int(facts["settings"].get("scale") or 0) if facts["task"] == "sr" else 0
+    pairs = make_pairs(chosen, source, output, truth, crop_border, workers)
+    page = render_html(run, pairs, source=source, output=output, truth=truth, sample=sample,
+                       left_out=left_out, histogram=seconds_histogram(run.rows))
+    return page, run
+
+
+def write_report(output: Storage, source: Storage, *, out: str | None = None,
+                 options: dict[str, Any] | None = None, **kwargs: Any) -> str:
+    """Build the report and write it to ``out`` (a path or URL; default ``DST/_manifest/report-RUN.html``).
+
+    ``options`` are the fsspec options for an ``out`` URL (a local path needs none).
+    Returns where it went (a URL or path, for printing). ``kwargs`` as for :func:`build_report`.
+    """
+    page, run = build_report(output, source, **kwargs)
+    data = page.encode("utf-8")
+    if out is None:
+        key = report_key(run.run_id)
+        output.write(key, data)
+        return output.display(key)
+    if "://" not in out:
+        out = os.path.abspath(out)
+    folder, _, name = out.rstrip("/").rpartition("/")
+    Storage(folder or "/", (options or {}) if "://" in out else {}).write(name, data)
+    return out
+
+
+# ------------------------------------------------------------------------------------------- browser
+
+BROWSERS = ("chromium", "chromium-browser", "google-chrome", "google-chrome-stable")
+
+
+def find_browser() -> str | None:
+    """A Chromium-family browser on PATH (Debian's ``chromium`` first), or None."""
+    return next((path for path in map(shutil.which, BROWSERS) if path), None)
+
+
+@dataclass
+class BrowserCheck:
+    """What a headless browser made of a report page."""
+
+    selfcheck: dict[str, Any]  # the page's own check: images, decoded, pairs, errors (list), ms
+    dom: str  # the DOM once every image has decoded
+    console: list[str]  # console messages, uncaught exceptions and error log entries (a clean page has none)
+    seconds: float  # wall time from navigation to every image decoded (browser start-up excluded)
+
+
+class _DevTools:
+    """The Chrome DevTools protocol over ``--remote-debugging-pipe``: JSON messages ended by NUL, fds 3 and 4."""
+
+    def __init__(self, browser: str, profile: str, timeout: float) -> None:
+        theirs_in, self.to_browser = os.pipe()  # (read end, write end)
+        self.from_browser, theirs_out = os.pipe()
+        self.timeout, self.next_id, self.buffer = timeout, 0, b""
+        self.events: list[dict[str, Any]] = []
+
+        def fds() -> None:  # in the child: commands in on fd 3, replies out on fd 4 (copied high first, so
+            import fcntl     # that neither end can be overwritten by the other's dup2)
+
+            high = [fcntl.fcntl(fd, fcntl.F_DUPFD_CLOEXEC, 10) for fd in (theirs_in, theirs_out)]
+            os.dup2(high[0], 3)
+            os.dup2(high[1], 4)
+
+        self.process = subprocess.Popen(
+            [browser, "--headless", "--no-sandbox", "--disable-gpu", "--hide-scrollbars", "--no-first-run",
+             "--remote-debugging-pipe", f"--user-data-dir={profile}", "about:blank"],
+            stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+            close_fds=False, preexec_fn=fds)  # only descriptors made inheritable by fds() reach the browser
+        os.close(theirs_in)
+        os.close(theirs_out)
+
+    def _message(self, deadline: float) -> dict[str, Any]:
+        import select
+
+        while b"\0" not in self.buffer:
+            left = deadline - time.monotonic()
+            if left <= 0 or not select.select([self.from_browser], [], [], left)[0]:
+                raise TimeoutError(f"the browser did not answer within {self.timeout:.0f} s")
+            chunk = os.read(self.from_browser, 1 << 20)
+            if not chunk:
+                raise RuntimeError(f"the browser exited (status {self.process.poll()})")
+            self.buffer += chunk
+        message, _, self.buffer = self.buffer.partition(b"\0")
+        return json.loads(message)
+
+    def call(self, method: str, session: str | None = None, **params: Any) -> dict[str, Any]:
+        self.next_id += 1
+        command: dict[str, Any] = {"id": self.next_id, "method": method, "params": params}
+        if session:
+            command["sessionId"] = session
+        os.write(self.to_browser, json.dumps(command).encode() + b"\0")
+        deadline = time.monotonic() + self.timeout
+        while True:
+            message = self._message(deadline)
+            if message.get("id") == self.next_id:
+                if "error" in message:
+                    raise RuntimeError(f"{method}: {message['error']}")
+                return message.get("result", {})
+            self.events.append(message)
+
+    def wait_for(self, method: str) -> None:
+        deadline = time.monotonic() + self.timeout
+        while not any(e.get("method") == method for e in self.events):
+            self.events.append(self._message(deadline))
+
+    def close(self) -> None:
+        try:
+            self.call("Browser.close")
+        except Exception:  # already gone
+            pass
+        finally:
+            try:
+                self.process.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()
+            os.close(self.to_browser)
+            os.close(self.from_browser)
+
+
+def _problems(events: list[dict[str, Any]]) -> list[str]:
+    """Console calls, uncaught exceptions and error-level log entries among DevTools events, as text."""
+    found = []
+    for event in events:
+        method, params = event.get("method"), event.get("params", {})
+        if method == "Runtime.consoleAPICalled":
+            text = " ".join(str(a.get("value", a.get("description", ""))) for a in params.get("args", []))
+            found.append(f"console.{params.get('type')}: {text}")
+        elif method == "Runtime.exceptionThrown":
+            details = params.get("exceptionDetails", {})
+            found.append(f"uncaught: {details.get('exception', {}).get('description') or details.get('text')}")
+        elif method == "Log.entryAdded" and params.get("entry", {}).get("level") == "error":
+            found.append(f"log: {params['entry'].get('text')}")
+    return found
+
+
+def browser_check(page: str, *, browser: str | None = None, screenshot: str | None = None,
+                  window: tuple[int, int] = (1280, 2000), timeout: float = 120.0, dom: bool = True) -> BrowserCheck:
+    """Open the report file ``page`` in headless Chromium and wait until the page has decoded every image.
+
+    Returns the page's self-check, its DOM (unless ``dom`` is false: a page with a large gallery
+    is tens of MB), every console message, uncaught exception or error log entry, and the time
+    from navigation to the last decoded image. With
+    ``screenshot`` (a PNG path) the top ``window`` (width, height) of the page is saved there.
+    Raises FileNotFoundError when no browser is found, TimeoutError or RuntimeError when it fails.
+    """
+    browser = browser or find_browser()
+    if browser is None:
+        raise FileNotFoundError(f"no headless browser found (looked for {', '.join(BROWSERS)})")
+    with tempfile.TemporaryDirectory(prefix="report-browser-") as profile:
+        tools = _DevTools(browser, profile, timeout)
+        try:
+            target = tools.call("Target.createTarget", url="about:blank")["targetId"]
+            session = tools.call("Target.attachToTarget", targetId=target, flatten=True)["sessionId"]
+            for domain in ("Page", "Runtime", "Log"):
+                tools.call(f"{domain}.enable", session)
+            tools.call("Emulation.setDeviceMetricsOverride", session, width=window[0], height=window[1],
+                       deviceScaleFactor=1, mobile=False)
+            start = time.perf_counter()
+            tools.call("Page.navigate", session, url="file://" + os.path.abspath(page))
+            tools.wait_for("Page.loadEventFired")
+            result = tools.call("Runtime.evaluate", session, expression="window.reportReady", awaitPromise=True,
+                                returnByValue=True, timeout=int(timeout * 1000))
+            seconds = time.perf_counter() - start
+            check = result.get("result", {}).get("value") or {}
+            html_now = tools.call("Runtime.evaluate", session, expression="document.documentElement.outerHTML",
+                                  returnByValue=True)["result"]["value"] if dom else ""
+            if screenshot:
+                shot = tools.call("Page.captureScreenshot", session, format="png")["data"]
+                with open(screenshot, "wb") as f:
+                    f.write(base64.b64decode(shot))
+        finally:
+            tools.close()
+    return BrowserCheck(check, html_now, _problems(tools.events), seconds)

@@ -111,14 +111,7 @@ def write_run_summary(output: Storage, summary: dict[str, Any]) -> None:
 
 def read_run_summaries(output: Storage) -> list[dict[str, Any]]:
     """Every run summary under ``output``, oldest first."""
-    folder = output.path(RUNS_DIR)
-    output.fs.invalidate_cache(folder)
-    try:
-        paths = sorted(with_retries(lambda: output.fs.find(folder), f"list {output.display(RUNS_DIR)}"))
-    except FileNotFoundError:
-        return []
-    return [json.loads(with_retries(lambda path=path: output.fs.cat_file(path), f"read {path}"))
-            for path in paths if path.endswith(".json")]
+    return [json.loads(data) for data in _read_parts(output, _part_paths(output, RUNS_DIR, ".json"))]
 
 
 def write_claim(output: Storage, run_id: str, output_keys: Iterable[str]) -> None:
@@ -137,14 +130,15 @@ def claimed_outputs(output: Storage, manifest: pa.Table) -> set[str]:
     return keys
 
 
-def _part_paths(output: Storage, folder_key: str) -> list[str]:
+def _part_paths(output: Storage, folder_key: str, suffix: str = ".parquet") -> list[str]:
+    """The objects under ``folder_key`` whose names end with ``suffix``, sorted (so by run id)."""
     folder = output.path(folder_key)
     output.fs.invalidate_cache(folder)
     try:
         found = with_retries(lambda: output.fs.find(folder), f"list {output.display(folder_key)}")
     except FileNotFoundError:
         return []
-    return sorted(p for p in found if p.endswith(".parquet"))
+    return sorted(p for p in found if p.endswith(suffix))
 
 
 def _read_parts(output: Storage, paths: list[str]) -> list[bytes]:

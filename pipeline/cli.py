@@ -5,6 +5,7 @@ Start-up stays light: torch, Ray and the codecs are imported inside the commands
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import sys
@@ -17,6 +18,7 @@ from models.tasks import TASKS
 from .formats import FORMAT_BY_NAME
 
 if TYPE_CHECKING:  # the heavy modules load inside the commands
+    from .codecs import FormatOptions
     from .engine import ModelSpec
     from .graph import ClusterOptions
     from .plan import Plan
@@ -39,11 +41,11 @@ def is_storage_error(exc: BaseException) -> bool:
         "botocore", "aiobotocore", "aiohttp", "s3fs", "gcsfs", "adlfs")
 
 
-def _fail(error: BaseException | str, code: int = EXIT_USAGE) -> NoReturn:
+def _fail(error: BaseException | str, code: int = EXIT_USAGE, prefix: str | None = None) -> NoReturn:
     from .redact import redact
 
     message = redact(str(error.args[0] if isinstance(error, KeyError) and error.args else error))
-    prefix = {EXIT_STORAGE: "storage error", EXIT_BUSY: "busy"}.get(code, "error")
+    prefix = prefix or {EXIT_STORAGE: "storage error", EXIT_BUSY: "busy"}.get(code, "error")
     click.echo(f"{prefix}: {' '.join(str(message).split())}", err=True)
     sys.exit(code)
 
@@ -120,6 +122,13 @@ def main(verbose: bool) -> None:
 @click.option("--allow-empty", is_flag=True, help="An empty source is not an error (scheduled jobs).")
 @click.option("--report", "make_report", is_flag=True,
               help="At the end, write an HTML report of the run to DST/_manifest/report-RUN.html and print its path.")
+@click.option("--bands", help="GeoTIFF: 1-based bands to restore, e.g. 4,3,2 (three go together through a colour "
+                              "model; otherwise band by band); the others are copied (default: all, band by band).")
+@click.option("--scale-range", help="GeoTIFF: LO,HI stored values mapped to the model's 0..1 (default: per-band "
+                                    "1st..99th percentiles; 0,255 for 8-bit).")
+@click.option("--stac", is_flag=True, help="GeoTIFF: write a STAC item (NAME.stac.json) beside each output.")
+@click.option("--slice-axis", type=click.IntRange(0, 2), default=2, show_default=True,
+              help="NIfTI: restore volumes slice by slice across this voxel axis.")
 def restore(src: str, dst: str, task: str | None, model: str | None, scale: str | None, out_format: str | None,
             tile: int | None, overlap: int, batch_size: int | None, precision: str, device: str | None,
             tta: bool, compile_model: bool,
@@ -128,7 +137,7 @@ def restore(src: str, dst: str, task: str | None, model: str | None, scale: str 
             exclude: tuple[str, ...],
             keys_from: str | None, storage_options: str | None, overwrite: bool, dry_run: bool,
             fail_fast: bool, quiet: bool, executor: str, max_pixels: int | None, allow_empty: bool,
-            make_report: bool) -> None:
+            make_report: bool, bands: str | None, scale_range: str | None, stac: bool, slice_axis: int) -> None:
     """Restore SRC (a file, folder or prefix; local or fsspec URL) into DST.
 
     Exit status: 0 all images restored, 1 some failed, 2 usage error, 4 storage unreachable,
@@ -144,6 +153,7 @@ def restore(src: str, dst: str, task: str | None, model: str | None, scale: str 
     if max_pixels is not None and max_pixels < 1:
         _fail_usage("--max-pixels must be a positive number of pixels")
     say = (lambda text: None) if quiet else (lambda text: click.echo(text, err=True))
+    formats = _format_options(bands, scale_range, stac, slice_axis)
     from .engine import EngineSettings
     from .graph import ClusterOptions
     from .runner import prepare_job
@@ -158,6 +168,7 @@ def restore(src: str, dst: str, task: str | None, model: str | None, scale: str 
                                            allow_empty=allow_empty, max_pixels=max_pixels, dry_run=dry_run)
     except Exception as exc:
         _fail_known(exc)
+    spec = dataclasses.replace(spec, formats=formats)
     try:
         _run_planned(plan, spec, resolved, executor=executor, address=address, dry_run=dry_run, fail_fast=fail_fast,
                      quiet=quiet, say=say, make_report=make_report, cluster=ClusterOptions(
@@ -168,6 +179,22 @@ def restore(src: str, dst: str, task: str | None, model: str | None, scale: str 
         _fail_known(exc, usage=project_usage_errors())
     finally:
         plan.release()
+
+
+def _format_options(bands: str | None, scale_range: str | None, stac: bool, slice_axis: int) -> FormatOptions:
+    """--bands, --scale-range, --stac and --slice-axis, checked (a bad value is a usage error)."""
+    from .codecs import FormatOptions
+
+    try:
+        band_list = tuple(int(b) for b in bands.split(",")) if bands else None
+        limits = tuple(float(v) for v in scale_range.split(",")) if scale_range else None
+    except ValueError:
+        _fail_usage("--bands takes band numbers (4,3,2) and --scale-range two numbers (LO,HI)")
+    if band_list is not None and (min(band_list) < 1 or len(set(band_list)) != len(band_list)):
+        _fail_usage("--bands takes distinct band numbers from 1")
+    if limits is not None and (len(limits) != 2 or not limits[0] < limits[1]):
+        _fail_usage("--scale-range takes LO,HI with LO < HI")
+    return FormatOptions(band_list, limits, stac, slice_axis)  # type: ignore[arg-type]
 
 
 def project_usage_errors() -> tuple[type[BaseException], ...]:
@@ -235,27 +262,45 @@ def _report_after_run(plan: Plan, run_id: str) -> None:
 
 @main.command("report")
 @click.argument("dst")
-@click.option("--src", required=True, help="The run's SRC (the manifest keys are relative to it): the gallery's "
-                                           "'before' images.")
+@click.option("--src", help="The run's SRC (the manifest keys are relative to it): the gallery's 'before' "
+                            "images. Required, except with --train.")
 @click.option("--sample", type=click.IntRange(min=0), default=24, show_default=True,
               help="Before/after pairs in the gallery (a deterministic sample of the ok images).")
 @click.option("--out", help="Where to write the page (path or URL; default DST/_manifest/report-RUN.html).")
 @click.option("--truth", help="Ground-truth prefix (same relative keys as SRC): PSNR/SSIM of the sampled images.")
 @click.option("--run", "run_id", help="The run to report (default: the latest in DST).")
 @click.option("--storage-options", help="JSON of fsspec options (overrides the environment).")
-def report(dst: str, src: str, sample: int, out: str | None, truth: str | None, run_id: str | None,
-           storage_options: str | None) -> None:
+@click.option("--train", "training", is_flag=True,
+              help="DST is a training run folder (CHECKPOINT_DIR/NAME): write its training report (default "
+                   "DST/report.html). Takes only --out and --storage-options.")
+@click.pass_context
+def report(ctx: click.Context, dst: str, src: str | None, sample: int, out: str | None, truth: str | None,
+           run_id: str | None, storage_options: str | None, training: bool) -> None:
     """Write one self-contained HTML page about a restore run into DST: summary, failures, timing, gallery.
 
-    Prints where the page went. Exit status: 0 written, 2 no such run, 4 storage unreachable.
+    With --train, DST is a training run folder instead: loss, learning-rate and PSNR curves,
+    validation table and crops. Prints where the page went. Exit status: 0 written, 2 no such
+    run (or run folder, or metrics in it), 4 storage unreachable.
     """
-    from .report import write_report
+    from click.core import ParameterSource
+
+    from .report import write_report, write_training_report
     from .storage import Storage
 
     options = _json_option(storage_options, "--storage-options")
+    if training:
+        extra = [flag for flag, given in (("--src", src), ("--truth", truth), ("--run", run_id), (
+            "--sample", ctx.get_parameter_source("sample") == ParameterSource.COMMANDLINE)) if given]
+        if extra:
+            _fail_usage(f"--train reports a training run folder; {', '.join(extra)} belong to restore runs")
+    elif src is None:
+        raise click.UsageError("Missing option '--src' (or --train for a training run folder).", ctx)
     try:
-        where = write_report(Storage(dst, options), Storage(src, options), out=out, options=options,
-                             run_id=run_id, sample=sample, truth=Storage(truth, options) if truth else None)
+        if training:
+            where = write_training_report(Storage(dst, options), out=out, options=options)
+        else:
+            where = write_report(Storage(dst, options), Storage(src, options), out=out, options=options,
+                                 run_id=run_id, sample=sample, truth=Storage(truth, options) if truth else None)
     except Exception as exc:
         _fail_known(exc)
     click.echo(where)
@@ -337,18 +382,22 @@ def pull_model(name: str, origin: str | None, sha256: str | None, force: bool) -
 @click.option("--address", help="Ray cluster address (default RAY_ADDRESS, else embedded).")
 @click.option("--num-workers", type=int, help="Override scaling.num_workers.")
 @click.option("--use-gpu/--no-gpu", default=None, help="Override scaling.use_gpu.")
+@click.option("--checkpoint-dir", help="Override checkpoint.dir: where runs go (a folder or URL, e.g. s3://models/runs).")
 @click.option("--stop-after", type=int, help="Stop (with a checkpoint) after this many steps in total.")
 @click.option("--executor", type=click.Choice(["ray", "inline"]), default="ray", show_default=True,
               help="ray: Ray Train workers (DDP); inline: one worker in this process, without Ray.")
 def train(config: str, resume: bool, restart: bool, address: str | None, num_workers: int | None,
-          use_gpu: bool | None, stop_after: int | None, executor: str) -> None:
+          use_gpu: bool | None, checkpoint_dir: str | None, stop_after: int | None, executor: str) -> None:
     """Train the experiment in CONFIG (YAML); reruns resume from the latest checkpoint."""
     from .train import load_config, run_training
 
     try:
         scaling = {k: v for k, v in (("num_workers", num_workers), ("use_gpu", use_gpu)) if v is not None}
+        overrides: dict[str, Any] = {"scaling": scaling} if scaling else {}
+        if checkpoint_dir:
+            overrides["checkpoint"] = {"dir": checkpoint_dir}
         with open(config) as f:
-            cfg = load_config(f.read(), {"scaling": scaling} if scaling else None)
+            cfg = load_config(f.read(), overrides or None)
         if resume and restart:
             raise ValueError("--resume and --restart exclude each other")
         result = run_training(cfg, resume=resume, restart=restart, address=address, stop_after=stop_after,
@@ -370,14 +419,19 @@ def train(config: str, resume: bool, restart: bool, address: str | None, num_wor
 @click.option("--json", "json_out", default="eval.json", show_default=True, help="Where to write the results.")
 @click.option("--tile", type=int, help="Tile size (default: automatic).")
 @click.option("--storage-options", help="JSON of fsspec options.")
+@click.option("--report", "report_out", help="Also write an HTML report here (path or URL): per-image table and "
+                                             "before/after/target gallery.")
 def evaluate(model_name: str, input_url: str, target_url: str, task: str | None, json_out: str,
-             tile: int | None, storage_options: str | None) -> None:
+             tile: int | None, storage_options: str | None, report_out: str | None) -> None:
     """Print per-image and mean PSNR/SSIM of MODEL's restorations against clean targets."""
     from .evaluate import evaluate_folder
+    from .report import eval_pair, render_eval_html, write_page
 
     options = _json_option(storage_options, "--storage-options")
+    pairs: list[Any] = []
     try:
-        report = evaluate_folder(model_name, input_url, target_url, task=task, tile=tile, storage_options=options)
+        report = evaluate_folder(model_name, input_url, target_url, task=task, tile=tile, storage_options=options,
+                                 on_image=(lambda *images: pairs.append(eval_pair(*images))) if report_out else None)
     except usage_errors() as exc:
         _fail_usage(exc)
     for row in report["images"]:
@@ -386,10 +440,164 @@ def evaluate(model_name: str, input_url: str, target_url: str, task: str | None,
     m = report["mean"]
     click.echo(f"{'mean':<40} PSNR {m['psnr']:.2f} dB  SSIM {m['ssim']:.4f}  "
                f"(input {m['input_psnr']:.2f} dB / {m['input_ssim']:.4f})")
-    with open(json_out, "w") as f:
+    with open(json_out, "w") as f:  # the scores first: a report that cannot be written loses nothing else
         json.dump(report, f, indent=1)
     click.echo(f"wrote {json_out}", err=True)
+    if report_out:
+        try:
+            written = write_page(render_eval_html(report, pairs, input_url, target_url), report_out, options)
+        except Exception as exc:
+            _fail_known(exc)
+        click.echo(f"wrote {written}", err=True)
 
 
-if __name__ == "__main__":
+
+@main.group("jobs")
+def jobs_group() -> None:
+    """Submit, watch and schedule job specs (jobs/*.yaml) on a Ray cluster, or render them for KubeRay."""
+
+
+_address_option = click.option("--address", help="Ray dashboard address, e.g. http://head:8265 "
+                                                 "(default RAY_ADDRESS, else a cluster on this machine).")
+_set_option = click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE",
+                           help="Override a spec field, e.g. params.SRC=s3://bucket/scans (repeatable).")
+
+
+def _jobs_call(action: Callable[[], Any]) -> Any:
+    """Run a Jobs API action; map the known failures to exit codes (2 usage, 4 unreachable)."""
+    from .jobspec import SpecError
+    from .submit import ClusterUnreachable, UnknownJob
+
+    try:
+        return action()
+    except (SpecError, UnknownJob) as exc:
+        _fail_usage(exc)
+    except ClusterUnreachable as exc:
+        _fail(exc, EXIT_STORAGE, prefix="cluster unreachable")
+    except Exception as exc:
+        if type(exc).__name__ == "AuthenticationError" or "authentication" in str(exc).lower():
+            _fail(f"the cluster refused the request: {exc} (token authentication needs RAY_AUTH_MODE=token "
+                  "and the cluster's token in ~/.ray/auth_token or RAY_AUTH_TOKEN)")
+        if isinstance(exc, RuntimeError) and "Request failed with status code" in str(exc):
+            _fail(exc, EXIT_STORAGE, prefix="cluster error")  # the Jobs API answered with a server error
+        raise
+
+
+@jobs_group.command("submit")
+@click.argument("spec", type=click.Path(dir_okay=False))
+@_address_option
+@_set_option
+@click.option("--at", "at", type=click.DateTime(formats=["%Y-%m-%dT%H:%M", "%Y-%m-%dT%H:%M:%S", "%Y-%m-%d"]),
+              help="Submit as if at this UTC time: a scheduled spec's missed period can be run late.")
+@click.option("--wait", is_flag=True, help="Stream the job's log and wait for it; exit 0 only if it SUCCEEDED.")
+@click.option("--dry-run", is_flag=True, help="Print the Jobs API request (JSON) and submit nothing.")
+def jobs_submit(spec: str, address: str | None, overrides: tuple[str, ...], at: Any, wait: bool,
+                dry_run: bool) -> None:
+    """Submit SPEC to the cluster, once per schedule period for a scheduled spec."""
+    from . import submit as jobs
+    from .jobspec import load_spec
+
+    job = _jobs_call(lambda: load_spec(spec, list(overrides)))
+    if dry_run:
+        click.echo(json.dumps(_jobs_call(lambda: job.submit_kwargs(at)), indent=2))
+        return
+    client = _jobs_call(lambda: jobs.connect(address))
+    done = _jobs_call(lambda: jobs.submit(client, job, at))
+    verb = "submitted" if done.created else "already submitted for this period"
+    click.echo(f"{verb}: {done.job_id} ({done.status})")
+    if wait:
+        if done.status not in jobs.TERMINAL:
+            _jobs_call(lambda: jobs.follow_logs(client, done.job_id, lambda text: click.echo(text, nl=False)))
+        status = _jobs_call(lambda: jobs.wait(client, done.job_id))
+        click.echo(f"{done.job_id}: {status}")
+        sys.exit(0 if status == "SUCCEEDED" else 1)
+
+
+@jobs_group.command("status")
+@click.argument("job_id")
+@_address_option
+@click.option("--json", "as_json", is_flag=True, help="Print the job's details as JSON.")
+def jobs_status(job_id: str, address: str | None, as_json: bool) -> None:
+    """Print a job's status (and, with --json, its entrypoint, times, metadata and message)."""
+    from . import submit as jobs
+
+    details = _jobs_call(lambda: jobs.job_details(jobs.connect(address), job_id))
+    if as_json:
+        click.echo(json.dumps(details, indent=2))
+    else:
+        message = f"  {details['message']}" if details["message"] else ""
+        click.echo(f"{job_id}: {details['status']}{message}")
+
+
+@jobs_group.command("logs")
+@click.argument("job_id")
+@_address_option
+@click.option("--follow", "-f", is_flag=True, help="Keep streaming until the job ends.")
+def jobs_logs(job_id: str, address: str | None, follow: bool) -> None:
+    """Print a job's log (its driver's stdout and stderr)."""
+    from . import submit as jobs
+
+    client = _jobs_call(lambda: jobs.connect(address))
+    if follow:
+        _jobs_call(lambda: jobs.follow_logs(client, job_id, lambda text: click.echo(text, nl=False)))
+    else:
+        _jobs_call(lambda: jobs.job_status(client, job_id))
+        click.echo(_jobs_call(lambda: client.get_job_logs(job_id)), nl=False)
+
+
+@jobs_group.command("list")
+@_address_option
+@click.option("--json", "as_json", is_flag=True, help="Print the jobs as JSON.")
+def jobs_list(address: str | None, as_json: bool) -> None:
+    """List the cluster's jobs, newest first."""
+    from datetime import datetime, timezone
+
+    from . import submit as jobs
+
+    rows = _jobs_call(lambda: jobs.job_rows(jobs.connect(address)))
+    if as_json:
+        click.echo(json.dumps(rows, indent=2))
+        return
+    for row in rows:
+        started = (datetime.fromtimestamp(row["start_time"] / 1000, timezone.utc).strftime("%Y-%m-%d %H:%M")
+                   if row["start_time"] else "-")
+        click.echo(f"{row['id']:40} {row['status']:10} {started:16} {row['entrypoint'][:60]}")
+
+
+@jobs_group.command("stop")
+@click.argument("job_id")
+@_address_option
+def jobs_stop(job_id: str, address: str | None) -> None:
+    """Ask a running job to stop (its run releases the destination's lease as it ends)."""
+    from . import submit as jobs
+
+    client = _jobs_call(lambda: jobs.connect(address))
+    _jobs_call(lambda: jobs.job_status(client, job_id))
+    stopped = _jobs_call(lambda: client.stop_job(job_id))
+    click.echo(f"{job_id}: {'stop requested' if stopped else 'already finished'}")
+
+
+@jobs_group.command("render")
+@click.argument("spec", type=click.Path(dir_okay=False))
+@click.option("--kuberay", is_flag=True, required=True, help="Render a KubeRay manifest (the only target).")
+@click.option("--kind", type=click.Choice(["RayJob", "RayCronJob", "RayCluster"]),
+              help="Default: RayCronJob for a scheduled spec, else RayJob. RayCluster: a long-lived cluster "
+                   "to submit to.")
+@_set_option
+@click.option("-o", "--out", type=click.Path(dir_okay=False), help="Write here instead of to stdout.")
+def jobs_render(spec: str, kuberay: bool, kind: str | None, overrides: tuple[str, ...], out: str | None) -> None:
+    """Write SPEC as a KubeRay RayJob (or RayCronJob, RayCluster) manifest for kubectl apply."""
+    from .jobspec import load_spec
+    from .kuberay import render_yaml
+
+    text = _jobs_call(lambda: render_yaml(load_spec(spec, list(overrides)), kind))
+    if out:
+        with open(out, "w") as f:
+            f.write(text)
+        click.echo(f"wrote {out}", err=True)
+    else:
+        click.echo(text, nl=False)
+
+
+if __name__ == "__main__":  # last: every command group above is registered by now
     main()

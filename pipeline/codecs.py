@@ -4,9 +4,10 @@ Samples stay in their integer dtype (uint8 or uint16), shape (H, W, C) with C = 
 (grey) or 3 (colour), so that a huge scan is held once, compactly; the engine turns
 tiles into floats. Alpha is kept apart and written back unchanged. A sample is alpha
 only where the file says so: an alpha mode (LA, RGBA, PNG transparency) for Pillow
-formats, an ExtraSamples alpha declaration for TIFF. Other layouts (TIFF with extra
-bands such as RGB+NIR, CMYK, palette TIFF, YCbCr other than JPEG-compressed) are
-refused with the reason; MINISWHITE TIFFs are inverted on read.
+formats, an ExtraSamples alpha declaration for TIFF. A TIFF with extra bands (RGB+NIR,
+N bands) is a multi-band scene for ``geo.py``; other layouts (CMYK, palette TIFF, YCbCr
+other than JPEG-compressed) are refused with the reason; MINISWHITE TIFFs are inverted
+on read.
 
 Libraries: Pillow for PNG (8-bit), JPEG, WebP and BMP; imagecodecs for 16-bit PNG
 pixels (Pillow reads 48/64-bit PNG as 8-bit); tifffile for TIFF, which keeps
@@ -34,7 +35,7 @@ import struct
 import threading
 import warnings
 import zlib
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -105,8 +106,105 @@ class DecodedImage:
         return sum(p.samples.shape[0] * p.samples.shape[1] for p in self.pages) / 1e6
 
 
-def format_for(name: str) -> str:
-    """Output format for a file name, from its extension."""
+@dataclass(frozen=True)
+class FormatOptions:
+    """Options of the scientific formats (README, "Formats"): GeoTIFF bands, scaling and STAC; NIfTI axis."""
+
+    bands: tuple[int, ...] | None = None  # 1-based GeoTIFF bands to restore (--bands); None: all
+    scale_range: tuple[float, float] | None = None  # stored values mapped to the model's 0..1 (--scale-range)
+    stac: bool = False  # write a STAC item beside each GeoTIFF output (--stac)
+    slice_axis: int = 2  # NIfTI volumes are restored slice by slice across this axis (--slice-axis)
+
+
+class StreamedImage:
+    """An input whose pixels stay in the source file: ``restore`` reads, restores and writes the
+    output itself, window by window, and returns the output's size (GeoTIFF scenes)."""
+
+    name: str
+    format: str
+    width: int
+    height: int
+    mode: str
+    bit_depth: int
+    pages: list[Any]
+
+    def restore(self, restorer: Any) -> dict[str, Any]:
+        raise NotImplementedError
+
+
+# ---------------------------------------------------------------- content detection
+
+HEAD_BYTES = 1 << 16  # enough of a file to tell its format and read a TIFF's first IFD
+CONTENT_FORMATS = ("DICOM", "NIFTI")  # decoded here, written back in their own format by their module
+
+
+def _tiff_first_ifd(head: bytes, fetch: Callable[[int, int], bytes] | None = None) -> dict[int, tuple[int, int]]:
+    """{tag: (type, first value)} of a TIFF's first IFD; ``fetch(start, size)`` reads it when it lies
+    beyond ``head`` (GDAL writes a plain GeoTIFF's IFD after the pixels)."""
+    order = "<" if head[:2] == b"II" else ">"
+    big = head[2:4] in (b"+\x00", b"\x00+")
+    fmt, start, count_fmt, size = ("Q", 8, "Q", 20) if big else ("I", 4, "H", 12)
+    tags: dict[int, tuple[int, int]] = {}
+    try:
+        offset = struct.unpack_from(order + fmt, head, start)[0]
+        buffer = head
+        if offset + 8 > len(head) and fetch is not None:
+            buffer, offset = fetch(offset, HEAD_BYTES), 0
+        count = struct.unpack_from(order + count_fmt, buffer, offset)[0]
+        base = offset + struct.calcsize(count_fmt)
+        for i in range(min(count, 4096)):
+            code, kind = struct.unpack_from(order + "HH", buffer, base + i * size)
+            value = struct.unpack_from(order + "H", buffer, base + i * size + (12 if big else 8))[0]
+            tags[code] = (kind, value)
+    except struct.error:
+        pass
+    return tags
+
+
+def tiff_is_raster(head: bytes, fetch: Callable[[int, int], bytes] | None = None) -> bool:
+    """Whether a TIFF is a scene for the raster path: georeferenced (GeoKeyDirectory, tie points or a
+    model transform), more than 4 samples, floating-point samples, or extra samples not declared alpha."""
+    tags = _tiff_first_ifd(head, fetch)
+    if any(code in tags for code in (33922, 34264, 34735)):
+        return True
+    spp = tags.get(277, (3, 1))[1]
+    float_samples = tags.get(339, (3, 1))[1] == 3
+    unspecified_extra = 338 in tags and tags[338][1] == 0
+    return spp > 4 or float_samples or unspecified_extra
+
+
+def _nifti_header(head: bytes) -> bytes:
+    """The first 348 bytes of a NIfTI-1 file, gunzipped if ``head`` is gzip data (b"" if it cannot be)."""
+    if head[:2] == b"\x1f\x8b":
+        try:
+            return zlib.decompressobj(31).decompress(head, 352)
+        except zlib.error:
+            return b""
+    return head[:352]
+
+
+def sniff(head: bytes, fetch: Callable[[int, int], bytes] | None = None) -> str | None:
+    """A file's format from its first bytes: DICOM (``DICM`` at 128), NIFTI (``n+1``/``ni1`` at 344,
+    gzip or not), GEOTIFF (:func:`tiff_is_raster`; ``fetch`` as there), TIFF, PNG, JPEG, WEBP, BMP;
+    None if none of them."""
+    if head[128:132] == b"DICM":
+        return "DICOM"
+    if _nifti_header(head)[344:348] in (b"n+1\x00", b"ni1\x00"):
+        return "NIFTI"
+    if head[:4] in TIFF_MAGIC:
+        return "GEOTIFF" if tiff_is_raster(head, fetch) else "TIFF"
+    signatures = {b"\x89PNG\r\n\x1a\n": "PNG", b"\xff\xd8\xff": "JPEG", b"BM": "BMP"}
+    for magic, fmt in signatures.items():
+        if head.startswith(magic):
+            return fmt
+    return "WEBP" if head[:4] == b"RIFF" and head[8:12] == b"WEBP" else None
+
+
+def format_for(name: str, head: bytes | None = None) -> str:
+    """Output format for a file name, from its extension; DICOM and NIfTI from the content (``head``),
+    whatever the name, as they are always written back in their own format."""
+    if head is not None and (content := sniff(head)) in CONTENT_FORMATS:
+        return content
     fmt = format_of_name(name)
     if fmt is None:
         ext = "." + name.rsplit(".", 1)[-1].lower() if "." in name.rsplit("/", 1)[-1] else "(no extension)"
@@ -270,6 +368,11 @@ def probe(data: bytes, name: str, max_pixels: int | None = None) -> ImageHeader:
     """
     if not data:
         raise CodecError(name, "empty file (0 bytes)")
+    content = sniff(data[:HEAD_BYTES])
+    if content in CONTENT_FORMATS:
+        header = _content_module(content).probe(data, name)
+        _check_pixel_limit(header, name, max_pixels)
+        return header
     with _codec_errors(name):
         if data[:4] in TIFF_MAGIC:
             with tifffile.TiffFile(io.BytesIO(data)) as tif:
@@ -393,13 +496,21 @@ def _decode_tiff(data: bytes, name: str) -> DecodedImage:
 
 # ---------------------------------------------------------------- decode
 
-def decode(data: bytes, name: str, max_pixels: int | None = DEFAULT_MAX_PIXELS) -> DecodedImage:
+def decode(data: bytes, name: str, max_pixels: int | None = DEFAULT_MAX_PIXELS,
+           options: FormatOptions | None = None) -> DecodedImage:
     """Decode an encoded image. Raises CodecError naming ``name`` and the reason.
 
     The header is probed first: an animation, or an image over ``max_pixels`` (width x height x
-    pages; None: no limit), is refused before any pixel is decoded.
+    pages; None: no limit), is refused before any pixel is decoded. DICOM and NIfTI are told
+    by their content and decoded by their modules (``options``: the NIfTI slice axis).
     """
     header = probe(data, name)
+    content = sniff(data[:HEAD_BYTES])
+    if content in CONTENT_FORMATS:
+        _check_pixel_limit(header, name, max_pixels)
+        if content == "NIFTI":
+            return _content_module(content).decode(data, name, (options or FormatOptions()).slice_axis)
+        return _content_module(content).decode(data, name)
     is_tiff = data[:4] in TIFF_MAGIC
     if not is_tiff and header.pages > 1:
         raise CodecError(name, f"animated images are not supported ({header.pages} frames); "
@@ -463,13 +574,26 @@ def _png_with_metadata(png: bytes, image: DecodedImage) -> bytes:
     return png[:ihdr_end] + chunks + png[ihdr_end:]
 
 
-def encode(image: DecodedImage, restored: list[Page], fmt: str | None = None) -> bytes:
+def _content_module(fmt: str) -> Any:
+    """The module that reads and writes DICOM or NIfTI (imported on use: optional extras)."""
+    import importlib
+
+    return importlib.import_module({"DICOM": ".dicom", "NIFTI": ".nifti"}[fmt], __package__)
+
+
+def encode(image: DecodedImage, restored: list[Page], fmt: str | None = None,
+           provenance: dict[str, Any] | None = None) -> bytes:
     """Encode restored pages with the input's mode, bit depth and metadata.
 
     ``restored`` holds one Page per page of ``image``, in the input's dtype and channel
-    count (its size may differ: super-resolution).
+    count (its size may differ: super-resolution). DICOM and NIfTI are written back in their
+    own format; ``provenance`` (model name and sha256) goes into a DICOM's derivation tags.
     """
     fmt = fmt or image.format
+    if image.format in CONTENT_FORMATS:
+        if fmt != image.format:
+            raise CodecError(image.name, f"{image.format} input is written as {image.format}, not {fmt}")
+        return _content_module(image.format).encode(image, restored, provenance or {})
     channels = image.channels
     bit_depth = image.bit_depth
     if bit_depth == 16 and fmt not in ("PNG", "TIFF"):

@@ -1,19 +1,22 @@
 """Training data: image sources, Ray Data loading, patch sampling and augmentation.
 
-A source is an fsspec prefix (``s3://bucket/clean``, a local folder) or
-``skimage://name,name,...`` for photographs bundled with scikit-image. Training pairs
-are either paired prefixes (degraded and clean with matching relative keys, as in
-SIDD, LOL or RealSR) or clean images with a synthetic degradation applied per patch.
+A source is an fsspec prefix (``s3://bucket/clean``, a local folder),
+``skimage://name,name,...`` for photographs bundled with scikit-image, or a procedural
+generator (``synthetic://dead_leaves?...``, see :mod:`pipeline.synthetic`) whose images are
+drawn anew for every patch. ``data.train.clean`` is one source or a list of sources, each a
+URL or ``{source: URL, weight: W}``: the weights are the shares of patches drawn from each.
+Training pairs are either paired prefixes (degraded and clean with matching relative keys,
+as in SIDD, LOL or RealSR) or clean images with a synthetic degradation applied per patch.
 """
 from __future__ import annotations
 
 import pickle
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 
-from . import codecs
+from . import codecs, synthetic
 from .degrade import Degradation
 from .engine import resize_bicubic
 from .storage import Storage
@@ -48,7 +51,66 @@ def to_rgb_float(samples: np.ndarray) -> np.ndarray:
     return np.repeat(img, 3, axis=2) if img.shape[2] == 1 else img
 
 
+@dataclass(frozen=True)
+class Source:
+    """One training source and its share of the patches."""
+
+    url: str
+    weight: float = 1.0
+
+    @property
+    def generator(self) -> synthetic.DeadLeaves | None:
+        return synthetic.parse(self.url) if synthetic.is_synthetic(self.url) else None
+
+
+SourceSpec = str | list[str | dict[str, Any]]  # a config's data.train.clean
+
+
+def parse_sources(spec: SourceSpec, paired: bool = False) -> list[Source]:
+    """The sources of ``data.train.clean``; bad entries and generator parameters are refused."""
+    entries = spec if isinstance(spec, list) else [spec]
+    sources = []
+    for entry in entries:
+        if isinstance(entry, dict):
+            extra = sorted(set(entry) - {"source", "weight"})
+            if extra or "source" not in entry:
+                raise ValueError(f"data.train.clean entry {entry!r}: needs 'source' (and optional 'weight'), "
+                                 f"not {', '.join(extra) or 'nothing'}")
+            source = Source(str(entry["source"]), float(entry.get("weight", 1.0)))
+        elif isinstance(entry, str) and entry:
+            source = Source(entry)
+        else:
+            raise ValueError(f"data.train.clean entry {entry!r} is not a source URL")
+        if not source.weight > 0:
+            raise ValueError(f"data.train.clean {source.url}: weight must be positive, not {source.weight}")
+        _ = source.generator  # a bad generator URL or parameter fails here
+        sources.append(source)
+    if not sources:
+        raise ValueError("data.train.clean names no source")
+    if paired and (len(sources) > 1 or sources[0].generator is not None):
+        raise ValueError("paired training data (data.train.degraded) needs one clean photo source")
+    return sources
+
+
+def has_photos(spec: SourceSpec) -> bool:
+    """Whether any source of ``spec`` is a set of images (not a generator)."""
+    return any(s.generator is None for s in parse_sources(spec))
+
+
+def map_urls(spec: SourceSpec | None, fn: Callable[[str], str]) -> SourceSpec | None:
+    """``spec`` with ``fn`` applied to each source URL (e.g. to make local paths absolute)."""
+    if not isinstance(spec, list):
+        return fn(spec) if spec else spec
+    return [dict(e, source=fn(e["source"])) if isinstance(e, dict) else fn(e) for e in spec]
+
+
+def _no_keys(source: str) -> None:
+    if synthetic.is_synthetic(source):
+        raise ValueError(f"{source} is drawn per training patch: it has no fixed images (use photos for validation)")
+
+
 def list_keys(source: str, options: dict[str, Any] | None = None) -> list[str]:
+    _no_keys(source)
     if source.startswith(SKIMAGE_SCHEME):
         return [n.strip() for n in source[len(SKIMAGE_SCHEME):].split(",") if n.strip()]
     return Storage(source, options or {}).list()
@@ -56,6 +118,7 @@ def list_keys(source: str, options: dict[str, Any] | None = None) -> list[str]:
 
 def load_image(source: str, key: str, options: dict[str, Any] | None = None) -> np.ndarray:
     """Float32 RGB [0, 1] image ``key`` of ``source``."""
+    _no_keys(source)
     if source.startswith(SKIMAGE_SCHEME):
         return to_rgb_float(skimage_photo(key))
     storage = Storage(source, options or {})
@@ -68,40 +131,58 @@ class Pair:
     key: str
     clean: np.ndarray  # float32 (H, W, 3)
     degraded: np.ndarray | None  # same shape, or None for synthetic degradation
+    source: int = 0  # index of its source in data.train.clean
 
 
-def load_pair(clean_src: str, degraded_src: str | None, key: str, options: dict[str, Any] | None) -> Pair:
+def load_pair(clean_src: str, degraded_src: str | None, key: str, options: dict[str, Any] | None,
+              source: int = 0) -> Pair:
     clean = load_image(clean_src, key, options)
     degraded = None
     if degraded_src:
         degraded = load_image(degraded_src, key, options)
         if degraded.shape != clean.shape:  # low-resolution input of an SR pair
             degraded = resize_bicubic(degraded, clean.shape[0], clean.shape[1])
-    return Pair(key, clean, degraded)
+    return Pair(key, clean, degraded, source)
 
 
-def training_keys(clean_src: str, options: dict[str, Any] | None = None) -> list[str]:
-    """The training images' keys; an error if there are none."""
-    keys = list_keys(clean_src, options)
-    if not keys:
-        raise ValueError(f"no training images found under {clean_src}")
+def training_keys(clean: SourceSpec, options: dict[str, Any] | None = None) -> list[tuple[int, str]]:
+    """(source index, key) of every training image of the photo sources; an error if one has none."""
+    keys = []
+    for index, source in enumerate(parse_sources(clean)):
+        if source.generator is None:
+            found = list_keys(source.url, options)
+            if not found:
+                raise ValueError(f"no training images found under {source.url}")
+            keys += [(index, k) for k in found]
     return keys
 
 
-def build_dataset(clean_src: str, degraded_src: str | None, options: dict[str, Any] | None = None):
-    """A Ray Dataset of pickled :class:`Pair` rows, read on Ray workers through fsspec."""
+def load_training_pairs(clean: SourceSpec, degraded_src: str | None, options: dict[str, Any] | None = None
+                        ) -> list[Pair]:
+    """Every training image of the photo sources, read in this process."""
+    urls = [s.url for s in parse_sources(clean)]
+    return [load_pair(urls[i], degraded_src, k, options, i) for i, k in training_keys(clean, options)]
+
+
+def build_dataset(clean: SourceSpec, degraded_src: str | None, options: dict[str, Any] | None = None):
+    """A Ray Dataset of pickled :class:`Pair` rows, read on Ray workers through fsspec; None when every
+    source is synthetic (nothing to read)."""
     import ray.data
 
-    keys = training_keys(clean_src, options)
+    keys = training_keys(clean, options)
+    if not keys:
+        return None
+    urls = [s.url for s in parse_sources(clean)]
 
     def read(batch: dict[str, Any]) -> dict[str, Any]:
         column = np.empty(len(batch["key"]), dtype=object)
-        column[:] = [pickle.dumps(load_pair(clean_src, degraded_src, str(k), options), protocol=5)
-                     for k in batch["key"]]
+        column[:] = [pickle.dumps(load_pair(urls[int(i)], degraded_src, str(k), options, int(i)), protocol=5)
+                     for i, k in zip(batch["source"], batch["key"])]
         return {"pair": column}
 
     # Materialised up front, so reading never competes with the training workers for CPUs.
-    return ray.data.from_items([{"key": k} for k in keys]).map_batches(read, batch_size=1, num_cpus=0.25).materialize()
+    rows = [{"source": i, "key": k} for i, k in keys]
+    return ray.data.from_items(rows).map_batches(read, batch_size=1, num_cpus=0.25).materialize()
 
 
 def pairs_from_rows(rows: list[dict[str, Any]]) -> list[Pair]:
@@ -115,17 +196,44 @@ def augment(patch: np.ndarray, mode: int) -> np.ndarray:
 
 
 class PatchSampler:
-    """Random training patches: crop, degrade (if unpaired), 8-way augment, optional MixUp."""
+    """Random training patches: pick a source by weight, crop a photo or generate a synthetic
+    image, degrade (if unpaired), 8-way augment, optional MixUp.
+
+    ``sources`` (default: one photo source) are those of ``data.train.clean``; ``pairs`` this
+    worker's images of its photo sources. All randomness comes from the ``rng`` of
+    :meth:`batch`, so a batch is a function of that generator's seed alone.
+    """
 
     def __init__(self, pairs: list[Pair], patch: int, degradation: Degradation | None, mixup: bool = False,
-                 mixup_alpha: float = 1.2) -> None:
-        if not pairs:
-            raise ValueError("no training pairs on this worker")
-        if degradation is None and any(p.degraded is None for p in pairs):
+                 mixup_alpha: float = 1.2, sources: list[Source] | None = None) -> None:
+        sources = sources or [Source("photos")]
+        self.generators = {i: s.generator for i, s in enumerate(sources) if s.generator is not None}
+        if degradation is None and (self.generators or any(p.degraded is None for p in pairs)):
             raise ValueError("unpaired training data needs a degradation")
         # Sorted: a worker draws the same patches however its shard's rows arrived.
-        self.pairs, self.patch, self.degradation = sorted(pairs, key=lambda p: p.key), patch, degradation
+        self.pairs = sorted(pairs, key=lambda p: (p.source, p.key))
+        self.by_source = {i: [p for p in self.pairs if p.source == i] for i in range(len(sources))}
+        # A photo source with no image in this worker's shard gives its share to the others.
+        self.choices = [i for i in range(len(sources)) if i in self.generators or self.by_source[i]]
+        if not self.choices:
+            raise ValueError("no training pairs on this worker")
+        weights = np.array([sources[i].weight for i in self.choices])
+        self.cumulative = np.cumsum(weights / weights.sum())
+        self.patch, self.degradation = patch, degradation
         self.mixup, self.mixup_alpha = mixup, mixup_alpha
+
+    def _draw(self, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray | None]:
+        """One (clean, degraded or None) patch from a source chosen by weight."""
+        source = self.choices[0]
+        if len(self.choices) > 1:  # one source draws exactly as before sources could be mixed
+            source = self.choices[min(int(np.searchsorted(self.cumulative, rng.random(), side="right")),
+                                      len(self.choices) - 1)]
+        generator = self.generators.get(source)
+        if generator is None:
+            pool = self.by_source[source]
+            return self._crop(pool[int(rng.integers(len(pool)))], rng)
+        image = generator.image(generator.size or self.patch, np.random.default_rng(int(rng.integers(2 ** 63))))
+        return self._crop(Pair("synthetic", image, None), rng) if image.shape[0] != self.patch else (image, None)
 
     def _crop(self, pair: Pair, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray | None]:
         h, w = pair.clean.shape[:2]
@@ -144,7 +252,7 @@ class PatchSampler:
         """(degraded, clean) float32 arrays of shape (size, 3, patch, patch)."""
         inputs, targets = [], []
         for _ in range(size):
-            clean, degraded = self._crop(self.pairs[int(rng.integers(len(self.pairs)))], rng)
+            clean, degraded = self._draw(rng)
             if degraded is None:
                 degraded = self.degradation(np.ascontiguousarray(clean), rng)  # type: ignore[misc]
             mode = int(rng.integers(8))

@@ -13,8 +13,11 @@ from __future__ import annotations
 import contextlib
 import logging
 import math
-from dataclasses import asdict, dataclass, field
-from typing import Any, Callable, Literal
+import os
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
 
 import numpy as np
 import torch
@@ -26,36 +29,18 @@ from models import TASKS
 from models.cards import ModelCard
 
 from .codecs import DecodedImage, Page
+from .settings import EngineError, EngineSettings, Precision
 from .tiling import StripeBlender, Tile, TileGrid
 
 log = logging.getLogger(__name__)
 
-Precision = Literal["auto", "fp32", "bf16", "fp16"]
 CPU_TILE = 512
 MIN_TILE = 64
-
-
-class EngineError(ValueError):
-    """The model and the request do not fit (task, scale, channels, precision)."""
+BUCKET = 128  # compiled models see tile sides rounded up to a multiple of this (a few static shapes)
 
 
 class NonFiniteOutputError(EngineError):
     """The model produced NaN/inf for an input: its weights or the precision do not suit it."""
-
-
-@dataclass(frozen=True)
-class EngineSettings:
-    tile: int | None = None  # None: chosen from free device memory (CPU: 512)
-    overlap: int = 32
-    batch_size: int | None = None  # tiles per model call; None: 1 on CPU (larger batches only thrash its caches), 8 on CUDA
-    precision: Precision = "auto"
-    device: str | None = None  # None: cuda if available, else cpu
-    scale: int | None = None  # for task sr: 2, 3 or 4 (default: the model's)
-    compile: bool = False  # torch.compile the model: pays off after its first call per tile shape
-    tta: bool = False  # x8 self-ensemble (flips and quarter turns), eight times the work
-
-    def as_dict(self) -> dict[str, Any]:
-        return asdict(self)
 
 
 @dataclass
@@ -230,11 +215,19 @@ class Restorer:
         self.scale = spec.scale if spec.task == "sr" else 1
         self.batch_size = settings.batch_size or (8 if self.device.type == "cuda" else 1)
         self.model = spec.module.to(self.device).eval()
-        if self.device.type == "cuda":
+        # channels_last pays only once compiled on CUDA (eager: about 15% slower; CPU: slower).
+        self.channels_last = self.device.type == "cuda" and settings.compile
+        if self.channels_last:
             self.model = self.model.to(memory_format=torch.channels_last)
-        # Every tile of an image has one shape (TileGrid), so a compiled model recompiles only
-        # for images smaller than the tile; dynamic=False keeps each compiled shape specialised.
+        if settings.compile:
+            # Compiled kernels land in a cache on local disk that every replica of the node reuses.
+            os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", str(compile_cache_dir()))
+        # dynamic=False keeps each compiled shape specialised; buckets (BUCKET) and full batches
+        # keep the shapes to a few, so a job compiles up front and never mid-way.
         self.run_model = torch.compile(self.model, dynamic=False) if settings.compile else self.model
+        self.compiled_shapes: dict[tuple[int, ...], float] = {}  # shape -> seconds of its first (compiling) call
+        self._full_batch = self.batch_size  # what a compiled model's batches are filled to (halved on OOM)
+        self._copy_stream = torch.cuda.Stream(self.device) if self.device.type == "cuda" else None
         self._tile = self._round_tile(settings.tile) if settings.tile else None
         self.tiles_last_run = 0
         self.on_tiles: Callable[[int, int], None] | None = None  # (tiles done, tiles in the call), per batch
@@ -261,7 +254,8 @@ class Restorer:
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats(self.device)
         base = torch.cuda.memory_allocated(self.device)
-        self._forward(torch.zeros(1, self.spec.in_channels, probe, probe, device=self.device))
+        with torch.inference_mode(), self._autocast():  # eager, one tile: not a shape to compile
+            self.model(torch.zeros(1, self.spec.in_channels, probe, probe, device=self.device))
         per_pixel = max(torch.cuda.max_memory_allocated(self.device) - base, 1) / probe ** 2
         free, _ = torch.cuda.mem_get_info(self.device)
         side = int(math.sqrt(0.5 * free / (per_pixel * self.batch_size)))
@@ -270,7 +264,13 @@ class Restorer:
     def describe(self) -> dict[str, Any]:
         return {"model": self.spec.name, "model_sha256": self.spec.sha256, "task": self.spec.task,
                 "scale": self.scale, "device": str(self.device), "precision": str(self.dtype).split(".")[-1],
-                "tile": self._tile, "overlap": self.settings.overlap, "batch_size": self.batch_size}
+                "tile": self._tile, "overlap": self.settings.overlap, "batch_size": self.batch_size,
+                "channels_last": self.channels_last, "compile_seconds": round(self.compile_seconds, 3)}
+
+    @property
+    def compile_seconds(self) -> float:
+        """Time spent in first calls of compiled shapes (compilation, or loading it from the cache)."""
+        return sum(self.compiled_shapes.values())
 
     # -- model calls -----------------------------------------------------------------------
     def _autocast(self) -> contextlib.AbstractContextManager:
@@ -279,36 +279,86 @@ class Restorer:
         return torch.autocast(self.device.type, dtype=self.dtype)
 
     def _forward(self, batch: torch.Tensor) -> torch.Tensor:
-        """The model's output for ``batch`` ((B, C, H, W) float32 on the device), checked to be finite.
+        """The model's output for ``batch`` ((B, C, H, W) float32 on the device), checked to be finite."""
+        return self._collect(self._submit(batch))
 
-        With ``tta``, the mean over the eight flips and quarter turns of the input, each
-        turned back (the x8 self-ensemble): eight times the work for a cleaner output.
-        """
+    def _model_output(self, batch: torch.Tensor) -> torch.Tensor:
+        """The model's output, with ``tta`` the mean over the eight flips and quarter turns of the
+        input, each turned back (the x8 self-ensemble): eight times the work for a cleaner output."""
         if self.settings.tta:
-            out = torch.stack([undo_dihedral(self._forward_once(dihedral(batch, k)), k) for k in range(8)]).mean(0)
-        else:
-            out = self._forward_once(batch)
-        if not bool(torch.isfinite(out).all()):  # never let NaN/inf pass as black or white pixels
-            bad = int((~torch.isfinite(out)).sum())
+            return torch.stack([undo_dihedral(self._forward_once(dihedral(batch, k)), k) for k in range(8)]).mean(0)
+        return self._forward_once(batch)
+
+    def _submit(self, batch: torch.Tensor) -> "InFlight":
+        """Queue the model on ``batch`` and the copy of its output to the host; do not wait for either.
+
+        On CUDA the output is copied into pinned host memory on a side stream, so the host
+        waits for a batch only when it needs its values, while the next batch already runs.
+        """
+        out = self._model_output(batch)
+        finite = torch.isfinite(out).all()
+        if self._copy_stream is None:
+            return InFlight(out, finite, None)
+        compute = torch.cuda.current_stream(self.device)
+        self._copy_stream.wait_stream(compute)
+        with torch.cuda.stream(self._copy_stream):
+            host = torch.empty(out.shape, dtype=out.dtype, pin_memory=True)
+            host.copy_(out, non_blocking=True)
+            flag = torch.empty((), dtype=torch.bool, pin_memory=True)
+            flag.copy_(finite, non_blocking=True)
+            done = torch.cuda.Event()
+            done.record(self._copy_stream)
+        out.record_stream(self._copy_stream)  # keep the device memory until the copy has read it
+        finite.record_stream(self._copy_stream)
+        return InFlight(host, flag, done)
+
+    def _collect(self, flight: "InFlight") -> torch.Tensor:
+        """Wait for a submitted batch; its output on the host, refused if not finite."""
+        if flight.done is not None:
+            flight.done.synchronize()
+        if not bool(flight.finite):  # never let NaN/inf pass as black or white pixels
+            bad = int((~torch.isfinite(flight.output)).sum())
             precision = str(self.dtype).split(".")[-1]
             raise NonFiniteOutputError(
-                f"model {self.spec.name!r} output holds NaN/inf values (non-finite: {bad} of {out.numel()} "
-                f"at {precision}); the weights or the precision (--precision) are unsuitable for this input")
-        return out
+                f"model {self.spec.name!r} output holds NaN/inf values (non-finite: {bad} of "
+                f"{flight.output.numel()} at {precision}); the weights or the precision (--precision) are "
+                "unsuitable for this input")
+        return flight.output
+
+    def _static_shape(self, batch: torch.Tensor) -> tuple[int, int, int]:
+        """The (batch, height, width) the model runs at: the size multiple, or for a compiled model
+        the bucket (BUCKET) and a full batch, so that compiled shapes stay few."""
+        b, _, h, w = batch.shape
+        m = self.spec.size_multiple
+        if not self.settings.compile:
+            return b, h + (-h) % m, w + (-w) % m
+        step = BUCKET * m // math.gcd(BUCKET, m)
+        limit = max(self._tile or 0, h, w)  # not self.tile: the memory probe runs through here
+        side = lambda n: min(n + (-n) % step, max(limit + (-limit) % m, n + (-n) % m))  # noqa: E731
+        return max(b, self._full_batch), side(h), side(w)
 
     def _forward_once(self, batch: torch.Tensor) -> torch.Tensor:
-        """Pad to the size multiple, run, crop back."""
-        h, w = batch.shape[-2:]
-        m = self.spec.size_multiple
-        ph, pw = (-h) % m, (-w) % m
+        """Pad to the static shape (reflecting, or replicating where the pad exceeds the tile), run, crop back."""
+        b, _, h, w = batch.shape
+        sb, sh, sw = self._static_shape(batch)
+        ph, pw = sh - h, sw - w
         if ph or pw:
             mode = "reflect" if ph < h and pw < w else "replicate"
             batch = F.pad(batch, (0, pw, 0, ph), mode=mode)
-        if self.device.type == "cuda":
+        if sb > b:
+            batch = torch.cat([batch, batch.new_zeros((sb - b, *batch.shape[1:]))])
+        if self.channels_last:
             batch = batch.contiguous(memory_format=torch.channels_last)
+        first = self.settings.compile and tuple(batch.shape) not in self.compiled_shapes
+        start = time.perf_counter()
         with torch.inference_mode(), self._autocast():
             out = self.run_model(batch)
-        return out[..., :h, :w].float()
+        if first:
+            if self.device.type == "cuda":
+                torch.cuda.synchronize(self.device)
+            self.compiled_shapes[tuple(batch.shape)] = time.perf_counter() - start
+            log.info("compiled shape %s in %.1f s", tuple(batch.shape), self.compiled_shapes[tuple(batch.shape)])
+        return out[:b, :, :h, :w].float()
 
     def restore_tensor(self, x: torch.Tensor) -> torch.Tensor:
         """Whole-image restoration of an NCHW float tensor in [0, 1] (no tiling)."""
@@ -353,15 +403,18 @@ class Restorer:
             source = lambda y, x, th, tw: samples[y:y + th, x:x + tw].astype(np.float32) / peak
         return PageJob(source, h, w, samples.shape[2], peak, samples.dtype), alpha
 
-    def restore_arrays(self, jobs: list["PageJob"]) -> list[np.ndarray]:
+    def restore_arrays(self, jobs: list["PageJob"]) -> list[np.ndarray | None]:
         """Tile, restore and blend pages, batching tiles across them.
 
         On CUDA out-of-memory everything is redone with a smaller batch, then smaller
-        tiles; nothing of the failed attempt reaches the outputs.
+        tiles; nothing of the failed attempt reaches the returned outputs. A page with a
+        ``sink`` may see rows of the failed attempt and then the same rows again: a sink
+        writes rows by position, so the retry overwrites them.
         """
         batch_size = self.batch_size
         while True:
             try:
+                self._full_batch = batch_size
                 outputs = self._restore_tiled(jobs, self.tile, batch_size)
                 self.tiles_last_run = sum(len(TileGrid(j.height, j.width, self.tile, self.settings.overlap))
                                           for j in jobs)
@@ -377,22 +430,33 @@ class Restorer:
                     raise
                 log.warning("out of device memory; retrying with tile %d, batch %d", self.tile, batch_size)
 
-    def _run_batch(self, tiles: list[tuple[int, Tile]], jobs: list["PageJob"]) -> list[np.ndarray]:
-        """Restore tiles of equal size, which may come from different pages."""
-        arrays = np.stack([jobs[p].source(t.y, t.x, t.h, t.w) for p, t in tiles])
-        x = torch.from_numpy(arrays).permute(0, 3, 1, 2).to(self.device, non_blocking=True)
+    def _submit_tiles(self, tiles: list[tuple[int, Tile]], jobs: list["PageJob"]) -> "InFlight":
+        """Queue tiles of equal size, which may come from different pages (pinned host memory on CUDA)."""
+        arrays = torch.from_numpy(np.stack([jobs[p].source(t.y, t.x, t.h, t.w) for p, t in tiles]))
+        if self.device.type == "cuda":
+            arrays = arrays.pin_memory()
+        x = arrays.permute(0, 3, 1, 2).to(self.device, non_blocking=True)
         if x.shape[1] == 1 and self.spec.in_channels == 3:
             x = x.expand(-1, 3, -1, -1)
-        y = self._forward(x)  # raises NonFiniteOutputError on NaN/inf output
-        if arrays.shape[3] == 1 and y.shape[1] == 3:
-            y = y.mean(dim=1, keepdim=True)
-        return list(y.permute(0, 2, 3, 1).cpu().numpy())
+        flight = self._submit(x)
+        flight.grey = arrays.shape[3] == 1
+        return flight
 
-    def _restore_tiled(self, jobs: list["PageJob"], tile: int, batch_size: int) -> list[np.ndarray]:
-        outputs = [np.empty((j.height, j.width, j.channels), dtype=j.dtype) for j in jobs]
+    def _collect_tiles(self, flight: "InFlight") -> list[np.ndarray]:
+        y = self._collect(flight)  # raises NonFiniteOutputError on NaN/inf output
+        if flight.grey and y.shape[1] == 3:
+            y = y.mean(dim=1, keepdim=True)
+        return list(y.permute(0, 2, 3, 1).numpy())
+
+    def _restore_tiled(self, jobs: list["PageJob"], tile: int, batch_size: int) -> list[np.ndarray | None]:
+        outputs = [np.empty((j.height, j.width, j.channels), dtype=j.dtype) if j.sink is None else None
+                   for j in jobs]
         blenders, row_lists, remaining = [], [], []
         for job, output in zip(jobs, outputs):
-            def emit(top: int, rows: np.ndarray, output: np.ndarray = output, job: PageJob = job) -> None:
+            def emit(top: int, rows: np.ndarray, output: np.ndarray | None = output, job: PageJob = job) -> None:
+                if job.sink is not None:  # streamed: finished rows go straight out, unquantised
+                    job.sink(top, rows)
+                    return
                 output[top:top + rows.shape[0]] = quantise(rows, job.peak, job.dtype)
             blenders.append(StripeBlender(job.width, job.channels, emit))
             rows = TileGrid(job.height, job.width, tile, self.settings.overlap).rows()
@@ -403,30 +467,54 @@ class Restorer:
             rows = row_lists[p]
             blenders[p].flush(rows[r + 1][0].y if r + 1 < len(rows) else jobs[p].height)
 
-        # Tiles in row order within each page; a batch holds tiles of one shape.
+        # Tiles in row order within each page; a batch holds tiles of one shape. One batch stays
+        # in flight: the next is queued before the previous one's values are blended.
         queue = [(p, r, t) for p, rows in enumerate(row_lists) for r, row in enumerate(rows) for t in row]
-        pending: list[tuple[int, int, Tile]] = []
+        batches: list[list[tuple[int, int, Tile]]] = []
+        for item in queue:
+            if batches and len(batches[-1]) < batch_size and batches[-1][0][2].window.shape == item[2].window.shape:
+                batches[-1].append(item)
+            else:
+                batches.append([item])
         done = 0
 
-        def run(pending: list[tuple[int, int, Tile]]) -> None:
+        def blend(batch: list[tuple[int, int, Tile]], flight: InFlight) -> None:
             nonlocal done
-            for (p, r, t), values in zip(pending, self._run_batch([(p, t) for p, _, t in pending], jobs)):
+            for (p, r, t), values in zip(batch, self._collect_tiles(flight)):
                 blenders[p].add(t, values)
                 remaining[p][r] -= 1
                 if remaining[p][r] == 0:
                     finish(p, r)
-            done += len(pending)
+            done += len(batch)
             if self.on_tiles is not None:
                 self.on_tiles(done, len(queue))
 
-        for item in queue:
-            if pending and (len(pending) == batch_size or pending[0][2].window.shape != item[2].window.shape):
-                run(pending)
-                pending = []
-            pending.append(item)
-        if pending:
-            run(pending)
+        previous: tuple[list[tuple[int, int, Tile]], InFlight] | None = None
+        for batch in batches:
+            flight = self._submit_tiles([(p, t) for p, _, t in batch], jobs)
+            if previous is not None:
+                blend(*previous)
+            previous = batch, flight
+        if previous is not None:
+            blend(*previous)
         return outputs
+
+
+@dataclass
+class InFlight:
+    """A submitted batch: its output and finiteness flag (host memory once ``done`` has fired)."""
+
+    output: torch.Tensor
+    finite: torch.Tensor
+    done: Any  # a torch.cuda.Event on CUDA, None on the CPU (already computed)
+    grey: bool = False  # the tiles were one-channel: a colour model's output is averaged back
+
+
+def compile_cache_dir() -> Path:
+    """Where compiled kernels are cached: TORCHINDUCTOR_CACHE_DIR, else the project's cache folder."""
+    import models.official
+
+    return models.official.cache_dir() / "inductor"
 
 
 @dataclass
@@ -439,6 +527,9 @@ class PageJob:
     channels: int
     peak: float
     dtype: np.dtype
+    # Streamed page: finished float rows (top, rows) are handed here as the blender emits them
+    # instead of being kept in an output array (restore_arrays then returns None for the page).
+    sink: Callable[[int, np.ndarray], None] | None = None
 
 
 def quantise(values: np.ndarray, peak: float, dtype: np.dtype) -> np.ndarray:

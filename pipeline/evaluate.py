@@ -1,7 +1,7 @@
 """``mirnet eval``: restore degraded images and score them against clean targets."""
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 
@@ -37,8 +37,15 @@ def _load(storage: Storage, key: str) -> np.ndarray:
 
 
 def evaluate_folder(model: str, input_url: str, target_url: str, *, task: str | None = None, tile: int | None = None,
-                    storage_options: dict[str, Any] | None = None) -> dict[str, Any]:
-    """Per-image and mean PSNR/SSIM (RGB and Y) of the model's output and of the input itself."""
+                    storage_options: dict[str, Any] | None = None,
+                    on_image: Callable[[str, np.ndarray, np.ndarray, np.ndarray], None] | None = None
+                    ) -> dict[str, Any]:
+    """Per-image and mean PSNR/SSIM (RGB and Y) of the model's output and of the input itself.
+
+    ``on_image(key, degraded, restored, target)`` sees each image as float RGB in [0, 1], all of
+    the target's size (an SR input as its bicubic upsampling): for the report's gallery.
+    Raises ValueError when a target's size does not match its restored input.
+    """
     options = storage_options or {}
     restorer = Restorer(resolve_model(model, task, None, options), EngineSettings(tile=tile))
     border = restorer.scale if restorer.spec.task == "sr" else 0
@@ -47,12 +54,18 @@ def evaluate_folder(model: str, input_url: str, target_url: str, *, task: str | 
         image = codecs.decode(inputs.read(key), inputs.display(key))
         restored = to_rgb_float(restorer.restore_image(image)[0].samples)
         target = _load(targets, target_key)
+        if any(abs(a - b) >= restorer.scale for a, b in zip(restored.shape[:2], target.shape[:2])):
+            raise ValueError(f"{targets.display(target_key)}: the target is {target.shape[1]}x{target.shape[0]}, "
+                             f"but {inputs.display(key)} restores to {restored.shape[1]}x{restored.shape[0]}: "
+                             "the sizes do not match")
         h, w = min(restored.shape[0], target.shape[0]), min(restored.shape[1], target.shape[1])
         restored, target = restored[:h, :w], target[:h, :w]
         degraded = to_rgb_float(image.pages[0].samples)
         if degraded.shape[:2] != (h, w):  # SR: the input is scored as its bicubic upsampling
             degraded = np.rint(resize_bicubic(degraded, h, w) * 255) / 255
         ours, base = score(restored, target, border), score(degraded[:h, :w], target, border)
+        if on_image is not None:
+            on_image(key, degraded[:h, :w], restored, target)
         rows.append({"key": key, **ours.as_dict(), **{f"input_{k}": v for k, v in base.as_dict().items()}})
     mean = {k: float(np.mean([r[k] for r in rows])) for k in rows[0] if k != "key"}
     return {"model": restorer.spec.name, "model_sha256": restorer.spec.sha256, "task": restorer.spec.task,

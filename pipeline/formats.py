@@ -12,7 +12,13 @@ IMAGE_PATTERNS = tuple(f"*{ext}" for ext in FORMAT_BY_EXTENSION)  # images the e
 # ("unsupported format .gif") instead of being left out without a word.
 OTHER_IMAGE_EXTENSIONS = (".gif", ".heic", ".heif", ".avif", ".jxl", ".jp2", ".j2k", ".psd", ".ico", ".exr",
                           ".hdr", ".dng", ".cr2", ".nef", ".arw")
-RESTORE_PATTERNS = IMAGE_PATTERNS + tuple(f"*{ext}" for ext in OTHER_IMAGE_EXTENSIONS)  # restore's default listing
+# Scientific formats, told by their content (codecs.sniff) and written back in their own format;
+# DICOM files often have no extension: list them with --include '*'.
+SCIENTIFIC_PATTERNS = ("*.dcm", "*.dicom", "*.nii", "*.nii.gz")
+RESTORE_PATTERNS = (IMAGE_PATTERNS + tuple(f"*{ext}" for ext in OTHER_IMAGE_EXTENSIONS)
+                    + SCIENTIFIC_PATTERNS)  # restore's default listing
+# Extensions of the formats that may have to be told by content (TIFF: a GeoTIFF scene or not).
+PHOTO_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
 
 
 def format_of_name(name: str) -> str | None:

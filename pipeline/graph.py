@@ -15,14 +15,17 @@ import sys
 import threading
 import warnings
 from dataclasses import dataclass, replace
-from typing import Any, Callable, Iterator
+from typing import TYPE_CHECKING, Any, Callable, Iterator
 
 from . import stages
-from .engine import EngineError, ModelRef, ModelSpec, Restorer, load_reference, resolve_model
 from .plan import WorkItem
 from .stages import JobSpec, Row
 from .redact import redact
+from .settings import EngineError
 from .storage import worker_runtime_env
+
+if TYPE_CHECKING:  # torch loads in the replicas only: read, decode and write workers start light
+    from .engine import ModelRef, ModelSpec
 
 log = logging.getLogger(__name__)
 LIGHT_TASK_CPUS = 0.25  # read / decode / encode tasks: they overlap the replicas' compute
@@ -115,6 +118,8 @@ class RestoreReplica:
         import ray
         import torch
 
+        from .engine import Restorer, load_reference
+
         torch.set_num_threads(max(threads, 1))
         self.node = ray.get_runtime_context().get_node_id()
         settings = spec.settings if device is None else replace(spec.settings, device=device)
@@ -166,6 +171,8 @@ def run_graph(spec: JobSpec, items: list[WorkItem], options: ClusterOptions, mod
     fetched once, and every replica loads exactly its bytes.
     """
     import ray.data
+
+    from .engine import resolve_model
 
     model = model or resolve_model(spec.model, spec.task, spec.scale, spec.source.options)
     on_phase("starting Ray" if not (options.address or os.environ.get("RAY_ADDRESS")) else "connecting to Ray")

@@ -7,6 +7,11 @@ Everything is inline (images as base64 JPEG data URIs, the histogram as SVG, the
 comparison slider as a few lines of CSS and JavaScript), so the file can be mailed,
 archived or opened from a bucket without a server or network.
 
+The same pieces make two more pages: the training report of a run folder (loss,
+learning-rate and PSNR curves, the validation table, and 1:1 validation crops saved at
+each validation step) and the evaluation report of ``mirnet eval --report`` (a per-image
+table and a before/after/target gallery).
+
 Display: 16-bit samples are scaled linearly to 8 bits (``v / 257``), grey stays grey,
 alpha is not shown, and a multi-page image shows its first page. Thumbnails are at most
 ``THUMB_SIZE`` pixels on the long side; inputs are never embedded at full size.
@@ -74,6 +79,7 @@ class Pair:
     after: str = ""
     size: tuple[int, int] = (0, 0)  # thumbnail (width, height)
     crops: list[tuple[tuple[int, int, int, int], str, str]] = field(default_factory=list)  # (x, y, w, h), uris
+    truth_crops: list[str] = field(default_factory=list)  # the target's crop at each window (evaluation)
     upscaled: bool = False  # the input was resized to the output's size for comparison (super-resolution)
     scores: dict[str, float] | None = None
     input_scores: dict[str, float] | None = None
@@ -196,6 +202,35 @@ def _scores(restored: np.ndarray, target: np.ndarray, crop_border: int) -> dict[
     return score(as_float(restored), as_float(target), crop_border).as_dict()
 
 
+def to_display(image: np.ndarray) -> np.ndarray:
+    """A float image in [0, 1] as a uint8 display array."""
+    return np.clip(np.rint(image * 255.0), 0, 255).astype(np.uint8)
+
+
+def fill_pair(pair: Pair, before: np.ndarray, after: np.ndarray, target: np.ndarray | None = None) -> Pair:
+    """Thumbnails and 1:1 crops (where ``after`` differs most from ``before``) of uint8 display arrays.
+
+    ``before`` is resized to ``after``'s size when they differ (super-resolution); ``target``,
+    of ``after``'s size, is cropped at the same windows.
+    """
+    if before.ndim != after.ndim:  # a grey input restored to colour, or the reverse: compare in colour
+        before, after = [np.repeat(x[:, :, None], 3, axis=2) if x.ndim == 2 else x for x in (before, after)]
+    height, width = after.shape[:2]
+    pair.upscaled = before.shape[:2] != after.shape[:2]
+    if pair.upscaled:
+        before = resized(before, (width, height))
+    for x, y, w, h in change_windows(before, after):
+        pair.crops.append(((x, y, w, h), jpeg_uri(before[y:y + h, x:x + w], CROP_QUALITY, True),
+                           jpeg_uri(after[y:y + h, x:x + w], CROP_QUALITY, True)))
+        if target is not None:
+            pair.truth_crops.append(jpeg_uri(target[y:y + h, x:x + w], CROP_QUALITY, True))
+    scale = min(1.0, THUMB_SIZE / max(width, height))
+    pair.size = (max(1, round(width * scale)), max(1, round(height * scale)))
+    pair.before = jpeg_uri(resized(before, pair.size), THUMB_QUALITY)
+    pair.after = jpeg_uri(resized(after, pair.size), THUMB_QUALITY)
+    return pair
+
+
 def make_pair(row: dict[str, Any], source: Storage, output: Storage, truth: Storage | None = None,
               crop_border: int = 0) -> Pair:
     """Thumbnails, detail crops and (with ``truth``) PSNR/SSIM for one ok row; problems become the pair's note."""
@@ -206,20 +241,7 @@ def make_pair(row: dict[str, Any], source: Storage, output: Storage, truth: Stor
     except Exception as exc:  # a moved input or a deleted output: say so in the gallery
         pair.note = redact(f"cannot show: {type(exc).__name__}: {exc}")
         return pair
-    before, after = display_array(before_samples), display_array(after_samples)
-    if before.ndim != after.ndim:  # a grey input restored to colour, or the reverse: compare in colour
-        before, after = [np.repeat(x[:, :, None], 3, axis=2) if x.ndim == 2 else x for x in (before, after)]
-    height, width = after.shape[:2]
-    pair.upscaled = before.shape[:2] != after.shape[:2]
-    if pair.upscaled:
-        before = resized(before, (width, height))
-    for x, y, w, h in change_windows(before, after):
-        pair.crops.append(((x, y, w, h), jpeg_uri(before[y:y + h, x:x + w], CROP_QUALITY, True),
-                           jpeg_uri(after[y:y + h, x:x + w], CROP_QUALITY, True)))
-    scale = min(1.0, THUMB_SIZE / max(width, height))
-    pair.size = (max(1, round(width * scale)), max(1, round(height * scale)))
-    pair.before = jpeg_uri(resized(before, pair.size), THUMB_QUALITY)
-    pair.after = jpeg_uri(resized(after, pair.size), THUMB_QUALITY)
+    fill_pair(pair, display_array(before_samples), display_array(after_samples))
     if pages > 1:
         pair.note = f"page 1 of {pages}"
     if truth is not None:
@@ -246,21 +268,42 @@ def make_pairs(rows: list[dict[str, Any]], source: Storage, output: Storage, tru
         return list(pool.map(lambda row: make_pair(row, source, output, truth, crop_border), rows))
 
 
+def new_figure(size: tuple[float, float], columns: int = 1) -> Any:
+    """A matplotlib Figure (no pyplot: safe on any thread) with ``columns`` axes side by side."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    from matplotlib.figure import Figure
+
+    figure = Figure(figsize=size)
+    figure.subplots(1, columns)
+    return figure
+
+
+def figure_data(figure: Any, fmt: str = "png") -> bytes:
+    """A figure laid out tightly and saved as PNG (100 dpi) or SVG (text as text), without a timestamp."""
+    import matplotlib
+
+    for axes in figure.axes:
+        for side in ("top", "right"):
+            axes.spines[side].set_visible(False)
+    figure.tight_layout()
+    buffer = io.BytesIO()
+    with matplotlib.rc_context({"svg.fonttype": "none", "svg.hashsalt": "report"}):
+        figure.savefig(buffer, format=fmt, dpi=100, metadata={"Date": None} if fmt == "svg" else {"Software": None})
+    return buffer.getvalue()
+
+
 def seconds_histogram(rows: list[dict[str, Any]]) -> str:
     """Inline SVG: a histogram of per-image seconds, ok and failed rows stacked ('' when no row has seconds)."""
     ok = [r["seconds"] for r in rows if r["status"] == "ok" and r["seconds"] is not None]
     failed = [r["seconds"] for r in rows if r["status"] == "failed" and r["seconds"]]
     if not ok and not failed:
         return ""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    from matplotlib.figure import Figure
-
     values = ok + failed
     bins = np.histogram_bin_edges(values, bins=min(40, max(5, int(math.sqrt(len(values))))))
-    figure = Figure(figsize=(7.5, 2.6))
-    axes = figure.add_subplot()
+    figure = new_figure((7.5, 2.6))
+    axes = figure.axes[0]
     data, colours, labels = [], [], []
     for name, series, colour in (("ok", ok, "#3b7dd8"), ("failed", failed, "#d9534f")):
         if series:
@@ -271,14 +314,52 @@ def seconds_histogram(rows: list[dict[str, Any]]) -> str:
     axes.set_xlabel("seconds per image")
     axes.set_ylabel("images")
     axes.legend(frameon=False)
-    for side in ("top", "right"):
-        axes.spines[side].set_visible(False)
-    figure.tight_layout()
-    buffer = io.StringIO()
-    with matplotlib.rc_context({"svg.fonttype": "none", "svg.hashsalt": "report"}):
-        figure.savefig(buffer, format="svg", metadata={"Date": None})
-    text = buffer.getvalue()
+    text = figure_data(figure, "svg").decode("utf-8")
     return text[text.index("<svg"):]
+
+
+def draw_loss(axes: Any, history: list[dict[str, Any]]) -> bool:
+    """Training loss over steps on ``axes``; False when the history has none."""
+    points = [(r["step"], r["loss"]) for r in history if r.get("loss") is not None]
+    if points:
+        axes.plot(*zip(*points), lw=1, color="#3b7dd8")
+    axes.set(xlabel="step", ylabel="Charbonnier loss", title="training loss")
+    return bool(points)
+
+
+def draw_lr(axes: Any, history: list[dict[str, Any]]) -> bool:
+    """Learning rate over steps on ``axes``; False when the history has none."""
+    points = [(r["step"], r["lr"]) for r in history if r.get("lr") is not None]
+    if points:
+        axes.plot(*zip(*points), lw=1, color="#7a5195")
+        axes.ticklabel_format(axis="y", style="sci", scilimits=(-2, 3))
+    axes.set(xlabel="step", ylabel="learning rate", title="learning rate")
+    return bool(points)
+
+
+def draw_psnr(axes: Any, history: list[dict[str, Any]]) -> bool:
+    """Validation PSNR of the restored and the degraded images over steps; False when never validated."""
+    points = [(r["step"], r["val_psnr"], r.get("val_input_psnr")) for r in history if r.get("val_psnr") is not None]
+    if points:
+        steps, psnrs, inputs = zip(*points)
+        axes.plot(steps, psnrs, marker="o", label="restored", color="#3b7dd8")
+        axes.plot(steps, inputs, ls="--", label="degraded input", color="#888888")
+        axes.legend(frameon=False)
+    axes.set(xlabel="step", ylabel="PSNR (dB)", title="validation PSNR")
+    return bool(points)
+
+
+CURVES = (("loss", draw_loss), ("learning rate", draw_lr), ("validation PSNR", draw_psnr))
+
+
+def training_curves(history: list[dict[str, Any]]) -> list[tuple[str, str]]:
+    """(name, PNG data URI) of every curve in ``CURVES`` that the history has points for."""
+    curves = []
+    for name, draw in CURVES:
+        figure = new_figure((6.0, 3.0))
+        if draw(figure.axes[0], history):
+            curves.append((name, "data:image/png;base64," + base64.b64encode(figure_data(figure)).decode("ascii")))
+    return curves
 
 
 # ---------------------------------------------------------------------------------------------- page
@@ -292,11 +373,18 @@ def _when(timestamp: float | None) -> str:
     return time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime(timestamp)) if timestamp else "unknown"
 
 
-def _table(head: list[str] | None, body: list[list[Any]], attrs: str = "") -> str:
-    """A table of escaped cells (``head`` None: no header row)."""
+def _table(head: list[str] | None, body: list[list[Any]], attrs: str = "", foot: list[Any] | None = None) -> str:
+    """A table of escaped cells (``head`` None: no header row; ``foot``: a closing row, such as the means)."""
     cells = "".join(f"<th>{_e(h)}</th>" for h in head or [])
     rows = "".join("<tr>" + "".join(f"<td>{_e(c)}</td>" for c in r) + "</tr>" for r in body)
-    return f"<table{attrs}>{f'<thead><tr>{cells}</tr></thead>' if head else ''}<tbody>{rows}</tbody></table>"
+    tail = "<tfoot><tr>" + "".join(f"<th>{_e(c)}</th>" for c in foot) + "</tr></tfoot>" if foot else ""
+    return f"<table{attrs}>{f'<thead><tr>{cells}</tr></thead>' if head else ''}<tbody>{rows}</tbody>{tail}</table>"
+
+
+def _cards(cards: list[tuple[Any, str, str]]) -> str:
+    """Summary cards of (value, label, extra class)."""
+    return '<div class="cards">' + "".join(f'<div class="card{cls}"><b>{_e(value)}</b><span>{_e(label)}</span></div>'
+                                           for value, label, cls in cards) + "</div>"
 
 
 def _first(rows: list[dict[str, Any]], column: str) -> Any:
@@ -330,6 +418,12 @@ def run_facts(run: Run) -> dict[str, Any]:
             "stopped_early": bool(s.get("stopped_early")), "settings": settings or {}}
 
 
+def _setting_rows(settings: dict[str, Any]) -> list[list[Any]]:
+    """(name, value) rows, sorted by name: strings as they are, other values as JSON, None as 'default'."""
+    return [[name, "default" if value is None else value if isinstance(value, str) else json.dumps(value)]
+            for name, value in sorted(settings.items())]
+
+
 def node_table(rows: list[dict[str, Any]]) -> list[list[Any]]:
     """Per node (in-process runs: 'this process'): images, ok, failed, busy seconds, mean seconds, span."""
     nodes: dict[str, list[dict[str, Any]]] = {}
@@ -350,15 +444,31 @@ def _score_text(scores: dict[str, float] | None) -> str:
     return f"{scores['psnr']:.2f} dB / {scores['ssim']:.4f}" if scores else "n/a"
 
 
-def _pair_html(pair: Pair) -> str:
-    row = pair.row
+def _row_facts(row: dict[str, Any]) -> str:
+    """A manifest row's size, mode, bit depth and seconds, for a gallery caption."""
     shape = f"{row['width']}×{row['height']}"
     if (row["out_width"], row["out_height"]) != (row["width"], row["height"]):
         shape += f" → {row['out_width']}×{row['out_height']}"
     facts = [shape, f"{row['mode'] or '?'}", f"{row['bit_depth'] or '?'}-bit",
              f"{row['seconds']:.2f} s" if row["seconds"] is not None else ""]
-    head = (f'<figcaption><code>{_e(pair.key)}</code><span class="facts">'
-            f'{_e(" · ".join(f for f in facts if f))}</span></figcaption>')
+    return " · ".join(f for f in facts if f)
+
+
+def _caption(key: str, facts: str) -> str:
+    return f'<figcaption><code>{_e(key)}</code><span class="facts">{_e(facts)}</span></figcaption>'
+
+
+def _crop_html(window: tuple[int, int, int, int], images: list[tuple[str, str]]) -> str:
+    """Crops of one (x, y, w, h) window side by side at 1:1: (label, image URI) each."""
+    x, y, w, h = window
+    tags = "".join(f'<img src="{uri}" width="{w}" height="{h}" alt="{_e(label)} detail">' for label, uri in images)
+    labels = " | ".join(label for label, _ in images)
+    return (f'<div class="crop"><div class="crop-pair">{tags}</div>'
+            f'<span>{_e(labels)} · x {x}, y {y} · {w}×{h} at 1:1</span></div>')
+
+
+def _pair_html(pair: Pair, facts: str) -> str:
+    head = _caption(pair.key, facts)
     if not pair.before:
         return (f'<figure class="pair missing" data-key="{_e(pair.key)}">{head}'
                 f'<p class="note">{_e(pair.note)}</p></figure>')
@@ -371,14 +481,13 @@ def _pair_html(pair: Pair) -> str:
                f'<span class="tag l">{_e(before_label)}</span><span class="tag r">after</span>'
                f'<input class="slider" type="range" min="0" max="100" value="50" '
                f'aria-label="before/after divider for {_e(pair.key)}"></div>')
-    crops = "".join(
-        f'<div class="crop"><div class="crop-pair"><img src="{b}" width="{w}" height="{h}" alt="before detail">'
-        f'<img src="{a}" width="{w}" height="{h}" alt="after detail"></div>'
-        f'<span>before | after · x {x}, y {y} · {w}×{h} at 1:1</span></div>' for (x, y, w, h), b, a in pair.crops)
+    targets = pair.truth_crops or [""] * len(pair.crops)
+    crops = "".join(_crop_html(window, [("before", b), ("after", a)] + ([("target", t)] if t else []))
+                    for (window, b, a), t in zip(pair.crops, targets))
     scores = ""
     if pair.scores is not None or pair.input_scores is not None:
-        scores = (f'<p class="scores">PSNR / SSIM vs truth: output <b>{_e(_score_text(pair.scores))}</b>, '
-                  f'input {_e(_score_text(pair.input_scores))}</p>')
+        scores = (f'<p class="scores">PSNR / SSIM vs {"target" if pair.truth_crops else "truth"}: output '
+                  f'<b>{_e(_score_text(pair.scores))}</b>, input {_e(_score_text(pair.input_scores))}</p>')
     note = f'<p class="note">{_e(pair.note)}</p>' if pair.note else ""
     return (f'<figure class="pair" data-key="{_e(pair.key)}">{head}{compare}'
             f'<div class="crops">{crops}</div>{scores}{note}</figure>')
@@ -434,6 +543,13 @@ code,.mono{font-family:ui-monospace,SFMono-Regular,Menlo,Consolas,monospace;font
 .crop-pair img{image-rendering:pixelated;max-width:none}
 .note{color:var(--bad);margin:6px 0 0}
 .scores{margin:6px 0 0}
+#gallery.steps{display:block}
+.grid,#gallery.wide{display:grid;grid-template-columns:repeat(auto-fill,minmax(420px,1fr));gap:16px}
+.curves{display:grid;grid-template-columns:repeat(auto-fit,minmax(380px,1fr));gap:12px}
+.curve{margin:0;background:#fff;border:1px solid var(--line);border-radius:8px;padding:6px}
+.curve img{display:block;width:100%;height:auto}
+tfoot th{background:#f3f5f8}
+#validation td,#images td:not(:first-child),tfoot th{white-space:nowrap}
 footer{color:var(--muted);margin:30px 0 10px;font-size:12px}
 """
 
@@ -462,12 +578,10 @@ def render_html(run: Run, pairs: list[Pair], *, source: Storage, output: Storage
     """The page, as a string."""
     facts = run_facts(run)
     counts = facts["counts"]
-    cards = "".join(
-        f'<div class="card{cls}"><b>{_e(value)}</b><span>{_e(label)}</span></div>' for value, label, cls in (
-            (counts["ok"], "ok", ""), (counts["failed"], "failed", " bad" if counts["failed"] else ""),
-            (counts["skipped"], "skipped", ""), (f"{facts['seconds']:.1f} s", "run time", ""),
-            (f"{facts['images_per_s']:.2f}", "images / s", ""),
-            (f"{facts['megapixels_per_s']:.2f}", "megapixels / s", "")))
+    cards = _cards([(counts["ok"], "ok", ""), (counts["failed"], "failed", " bad" if counts["failed"] else ""),
+                    (counts["skipped"], "skipped", ""), (f"{facts['seconds']:.1f} s", "run time", ""),
+                    (f"{facts['images_per_s']:.2f}", "images / s", ""),
+                    (f"{facts['megapixels_per_s']:.2f}", "megapixels / s", "")])
     about = [["run", run.run_id], ["finished", _when(facts["finished_at"])],
              ["run time", f"{facts['seconds']:.2f} s ({facts['timed_by']})"],
              ["model", facts["model"]], ["model sha256", facts["model_sha256"] or "unknown"],
@@ -480,8 +594,7 @@ def render_html(run: Run, pairs: list[Pair], *, source: Storage, output: Storage
     if others:
         about.append([f"other runs in DST ({len(others)})",
                       ", ".join(others[-5:]) + (" (the latest five)" if len(others) > 5 else "")])
-    settings = [[name, "default" if value is None else value if isinstance(value, str) else json.dumps(value)]
-                for name, value in sorted(facts["settings"].items())]
+    settings = _setting_rows(facts["settings"])
     failed = [r for r in run.rows if r["status"] == "failed"]
     failed = sorted(failed, key=lambda r: r["key"])
     failures = _table(["key", "error class", "error message"], [[r["key"], r["error_class"], r["error_message"]]
@@ -505,17 +618,9 @@ def render_html(run: Run, pairs: list[Pair], *, source: Storage, output: Storage
                         for name, m in (("output (mean)", mean_out), ("input (mean)", mean_in))], ' id="quality"'))
     histogram_html = (f'<div class="hist">{histogram}</div>' if histogram
                       else '<p class="sub">No per-image times recorded.</p>')
-    return f"""<!doctype html>
-<html lang="en"><head><meta charset="utf-8">
-<meta name="viewport" content="width=device-width,initial-scale=1">
-<title>Restore report · {_e(run.run_id)}</title>
-<script>{ERROR_HOOK}</script>
-<style>{STYLE}</style></head>
-<body><main>
-<h1>Restore report</h1>
-<p class="sub">run <code>{_e(run.run_id)}</code> · source <code>{_e(source.url)}</code> →
-destination <code>{_e(output.url)}</code></p>
-<section id="summary"><div class="cards">{cards}</div>
+    subtitle = (f"run <code>{_e(run.run_id)}</code> · source <code>{_e(source.url)}</code> →\n"
+                f"destination <code>{_e(output.url)}</code>")
+    body = f"""<section id="summary">{cards}
 <div class="cols"><div><h2>Run</h2>{_table(None, about, ' class="kv"')}</div>
 <div><h2>Settings</h2>{_table(None, settings, ' class="kv" id="settings"')}</div></div>
 <div class="cols"><div><h2>Time per node</h2>
@@ -527,8 +632,26 @@ destination <code>{_e(output.url)}</code></p>
 {quality}
 <h2>Before / after</h2>
 <p class="toolbar">{_e(gallery_note)} <label><input type="checkbox" id="side"> side by side</label></p>
-<section id="gallery" data-count="{len(shown)}">{"".join(_pair_html(p) for p in pairs)}</section>
-<footer>Made by <code>mirnet report</code> on {_e(_when(time.time()))}. 16-bit images are shown scaled
+<section id="gallery" data-count="{len(shown)}">{"".join(_pair_html(p, _row_facts(p.row)) for p in pairs)}</section>"""
+    return page_html("Restore report", run.run_id, subtitle, body, "mirnet report")
+
+
+def page_html(heading: str, name: str, subtitle: str, body: str, made_by: str) -> str:
+    """A whole report page: the shared style, error hook and self-check around ``body`` (HTML).
+
+    ``subtitle`` is HTML too; ``name`` (the run) goes into the title; ``made_by`` names the command.
+    """
+    return f"""<!doctype html>
+<html lang="en"><head><meta charset="utf-8">
+<meta name="viewport" content="width=device-width,initial-scale=1">
+<title>{_e(heading)} · {_e(name)}</title>
+<script>{ERROR_HOOK}</script>
+<style>{STYLE}</style></head>
+<body><main>
+<h1>{_e(heading)}</h1>
+<p class="sub">{subtitle}</p>
+{body}
+<footer>Made by <code>{_e(made_by)}</code> on {_e(_when(time.time()))}. 16-bit images are shown scaled
 to 8 bits; alpha is not shown.</footer>
 <output id="selfcheck" hidden></output>
 </main><script>{SCRIPT}</script></body></html>
@@ -561,16 +684,233 @@ def write_report(output: Storage, source: Storage, *, out: str | None = None,
     Returns where it went (a URL or path, for printing). ``kwargs`` as for :func:`build_report`.
     """
     page, run = build_report(output, source, **kwargs)
+    return write_page(page, out or (output, report_key(run.run_id)), options)
+
+
+def write_page(page: str, out: str | tuple[Storage, str], options: dict[str, Any] | None = None) -> str:
+    """Write a report page to ``out``, a path or URL or a (storage, key); return where it went.
+
+    ``options`` are the fsspec options for an ``out`` URL.
+    """
     data = page.encode("utf-8")
-    if out is None:
-        key = report_key(run.run_id)
-        output.write(key, data)
-        return output.display(key)
+    if isinstance(out, tuple):
+        home, key = out
+        home.write(key, data)
+        return home.display(key)
     if "://" not in out:
         out = os.path.abspath(out)
     folder, _, name = out.rstrip("/").rpartition("/")
     Storage(folder or "/", (options or {}) if "://" in out else {}).write(name, data)
     return out
+
+
+# -------------------------------------------------------------------------------------------- training
+
+TRAINING_REPORT = "report.html"  # in the run folder, beside metrics.png
+VAL_DIR = "val"  # validation crop sets: val/step-NNNNNNNN/KEY/{degraded,restored,clean}.png and crop.json
+VAL_STEPS_SHOWN = 4  # validation steps in the gallery: the first, the last and evenly between
+CROP_SET = ("degraded.png", "restored.png", "clean.png")
+
+
+def validation_crop_files(step: int, key: str, degraded: np.ndarray, restored: np.ndarray,
+                          clean: np.ndarray) -> dict[str, bytes]:
+    """The crop set of one validation image at ``step``: run-folder key -> bytes.
+
+    Float RGB images in [0, 1] of one size. The window is where the degradation changed the
+    clean image most, so it is the same at every step (validation pairs are fixed); the
+    crops are at most ``CROP_SIZE`` square, PNG. ``crop.json`` holds the key, the window
+    and the crop's PSNR of the restored and the degraded image.
+    """
+    from PIL import Image
+
+    from .metrics import psnr
+
+    shown = {"degraded": to_display(degraded), "restored": to_display(restored), "clean": to_display(clean)}
+    x, y, w, h = change_windows(shown["clean"], shown["degraded"], CROP_SIZE, 1)[0]
+    folder = f"{VAL_DIR}/step-{step:08d}/{key}"
+    files = {}
+    for name, array in shown.items():
+        buffer = io.BytesIO()
+        Image.fromarray(array[y:y + h, x:x + w]).save(buffer, "PNG")
+        files[f"{folder}/{name}.png"] = buffer.getvalue()
+    crop = {name: array[y:y + h, x:x + w] / 255.0 for name, array in shown.items()}
+    scores = {label: psnr(crop[name], crop["clean"]) for label, name in (("psnr", "restored"),
+                                                                          ("input_psnr", "degraded"))}
+    meta = {"key": key, "step": step, "window": [x, y, w, h],
+            **{k: round(v, 4) if math.isfinite(v) else None for k, v in scores.items()}}
+    files[f"{folder}/crop.json"] = json.dumps(meta).encode()
+    return files
+
+
+def _spread(values: list[int], count: int) -> list[int]:
+    """Up to ``count`` of the sorted ``values``: the first, the last and evenly spaced between."""
+    if len(values) <= count:
+        return values
+    return sorted({values[round(i * (len(values) - 1) / (count - 1))] for i in range(count)})
+
+
+def _flatten(config: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    flat: dict[str, Any] = {}
+    for name, value in config.items():
+        if isinstance(value, dict) and name not in ("config", "card"):
+            flat.update(_flatten(value, f"{prefix}{name}."))
+        elif value != {}:
+            flat[prefix + name] = value
+    return flat
+
+
+def _read_json(storage: Storage, key: str, why: str) -> Any:
+    if not storage.exists(key):
+        raise FileNotFoundError(f"{storage.display(key)}: not found ({why})")
+    return json.loads(storage.read(key))
+
+
+def _crop_sets(storage: Storage, steps_shown: int) -> tuple[list[int], dict[int, list[dict[str, Any]]]]:
+    """Every step with validation crops, and the crop sets (meta with data URIs) of the steps shown."""
+    metas = storage.list(include=[f"{VAL_DIR}/step-*/crop.json"])
+    by_step: dict[int, list[str]] = {}
+    for key in metas:
+        by_step.setdefault(int(key.split("/")[1].split("-")[1]), []).append(key)
+    steps = sorted(by_step)
+    wanted = [key for step in _spread(steps, steps_shown) for key in by_step[step]]
+    reads = [f"{key.rsplit('/', 1)[0]}/{name}" for key in wanted for name in ("crop.json", *CROP_SET)]
+    with ThreadPoolExecutor(max_workers=8, thread_name_prefix="report") as pool:
+        blobs = dict(zip(reads, pool.map(storage.read, reads)))
+    shown: dict[int, list[dict[str, Any]]] = {}
+    for key in wanted:
+        folder = key.rsplit("/", 1)[0]
+        meta = json.loads(blobs[key])
+        meta["uris"] = ["data:image/png;base64," + base64.b64encode(blobs[f"{folder}/{name}"]).decode("ascii")
+                        for name in CROP_SET]
+        shown.setdefault(meta["step"], []).append(meta)
+    return steps, shown
+
+
+def _db(value: float | None) -> str:
+    return "n/a" if value is None else f"{value:.2f} dB"
+
+
+def _crop_set_html(meta: dict[str, Any]) -> str:
+    labels = [name.split(".")[0] for name in CROP_SET]
+    facts = f"step {meta['step']} · crop PSNR {_db(meta['psnr'])} (degraded {_db(meta['input_psnr'])})"
+    return (f'<figure class="pair" data-key="{_e(meta["key"])}" data-step="{meta["step"]}">'
+            f'{_caption(meta["key"], facts)}<div class="crops">'
+            f'{_crop_html(tuple(meta["window"]), list(zip(labels, meta["uris"])))}</div></figure>')
+
+
+def build_training_report(storage: Storage, history: list[dict[str, Any]] | None = None,
+                          config: dict[str, Any] | None = None, steps_shown: int = VAL_STEPS_SHOWN) -> str:
+    """The training report of the run folder ``storage``: curves, validation table and crops, settings.
+
+    ``history`` and ``config`` default to the folder's ``metrics.json`` and ``config.json``.
+    Raises FileNotFoundError when the folder, or its metrics, do not exist.
+    """
+    if not storage.exists_prefix():
+        raise FileNotFoundError(f"{storage.url}: no such training run folder")
+    if history is None:
+        history = _read_json(storage, "metrics.json", "no metrics saved yet: a run writes them at each checkpoint")
+    if config is None:
+        config = json.loads(storage.read("config.json")) if storage.exists("config.json") else {}
+    name = config.get("name") or storage.url.rstrip("/").rsplit("/", 1)[-1]
+    val = [r for r in history if r.get("val_psnr") is not None]
+    losses = [r for r in history if r.get("loss") is not None]
+    total = (config.get("train") or {}).get("steps")
+    step = history[-1]["step"] if history else 0
+    cards = [(f"{step}" + (f" / {total}" if total else ""), "steps", "")]
+    if losses:
+        cards.append((f"{losses[-1]['loss']:.4g}", "last loss", ""))
+    if val:
+        best = max(val, key=lambda r: r["val_psnr"])
+        cards += [(f"{val[-1]['val_psnr']:.2f} dB", f"validation PSNR at step {val[-1]['step']}", ""),
+                  (f"{val[-1]['val_psnr'] - val[-1]['val_input_psnr']:+.2f} dB", "over the degraded input", ""),
+                  (f"{best['val_psnr']:.2f} dB", f"best, at step {best['step']}", "")]
+    curves = training_curves(history)
+    curves_html = "".join(f'<figure class="curve"><img src="{uri}" alt="{_e(title)} curve"></figure>'
+                          for title, uri in curves)
+    columns = ["val_psnr", "val_ssim", "val_psnr_y", "val_ssim_y", "val_input_psnr", "val_input_ssim"]
+    table = _table(["step", "PSNR (dB)", "SSIM", "PSNR Y (dB)", "SSIM Y", "input PSNR (dB)", "input SSIM"],
+                   [[r["step"]] + [f"{r[c]:.4f}" if "ssim" in c else f"{r[c]:.2f}" for c in columns if c in r]
+                    for r in val], f' id="validation" data-count="{len(val)}"')
+    steps, shown = _crop_sets(storage, steps_shown)
+    by_step = {r["step"]: r for r in val}
+    gallery = ""
+    for at, metas in sorted(shown.items()):
+        record = by_step.get(at)
+        mean = (f" · validation PSNR {record['val_psnr']:.2f} dB (input {record['val_input_psnr']:.2f} dB)"
+                if record else "")
+        gallery += (f'<h3>step {at}{_e(mean)}</h3><div class="grid">'
+                    + "".join(_crop_set_html(m) for m in metas) + "</div>")
+    count = sum(len(m) for m in shown.values())
+    note = (f"{len(shown)} of the {len(steps)} validation steps with crops (the first, the last and evenly "
+            f"between); each crop is 1:1, the same window at every step, where the degradation changed the "
+            f"clean image most. Crop PSNR is over the crop alone.")
+    settings = _flatten({k: v for k, v in config.items() if k != "name"})
+    body = f"""<section id="summary">{_cards(cards)}</section>
+<h2>Curves</h2><section class="curves" id="curves" data-count="{len(curves)}">{curves_html}</section>
+<h2>Validation ({len(val)})</h2>
+{table if val else '<p class="sub">No validation yet (data.val and validate.every).</p>' + table}
+<h2>Validation crops: degraded | restored | clean</h2>
+<p class="toolbar">{_e(note) if steps else "No validation crops saved yet."}</p>
+<section id="gallery" class="steps" data-count="{count}">{gallery}</section>
+<h2>Settings</h2>{_table(None, _setting_rows(settings), ' class="kv" id="settings"')}"""
+    subtitle = f"run <code>{_e(name)}</code> · folder <code>{_e(storage.url)}</code>"
+    return page_html("Training report", name, subtitle, body, "mirnet train")
+
+
+def write_training_report(storage: Storage, out: str | None = None, options: dict[str, Any] | None = None,
+                          **kwargs: Any) -> str:
+    """Build the training report of run folder ``storage`` and write it to ``out`` (default: the folder's
+    ``report.html``); return where it went. ``kwargs`` as for :func:`build_training_report`."""
+    return write_page(build_training_report(storage, **kwargs), out or (storage, TRAINING_REPORT), options)
+
+
+# ------------------------------------------------------------------------------------------ evaluation
+
+
+def eval_pair(key: str, degraded: np.ndarray, restored: np.ndarray, target: np.ndarray) -> Pair:
+    """The gallery entry of one evaluated image: float RGB arrays in [0, 1], restored and target of one size."""
+    height, width = restored.shape[:2]
+    return fill_pair(Pair(key, {"width": width, "height": height}), to_display(degraded), to_display(restored),
+                     to_display(target))
+
+
+def render_eval_html(result: dict[str, Any], pairs: list[Pair], input_url: str, target_url: str) -> str:
+    """The evaluation page of :func:`pipeline.evaluate.evaluate_folder`'s result, with its gallery ``pairs``."""
+    rows, mean = result["images"], result["mean"]
+    names = ["psnr", "ssim", "psnr_y", "ssim_y", "input_psnr", "input_ssim"]
+
+    def cells(r: dict[str, Any]) -> list[str]:
+        gain = f"{r['psnr'] - r['input_psnr']:+.2f}"
+        return [f"{r[n]:.4f}" if "ssim" in n else f"{r[n]:.2f}" for n in names] + [gain]
+
+    table = _table(["image", "PSNR (dB)", "SSIM", "PSNR Y (dB)", "SSIM Y", "input PSNR (dB)", "input SSIM",
+                    "gain (dB)"], [[r["key"]] + cells(r) for r in rows],
+                   f' id="images" data-count="{len(rows)}"', foot=[f"mean of {len(rows)}"] + cells(mean))
+    cards = _cards([(len(rows), "images", ""), (f"{mean['psnr']:.2f} dB", "mean PSNR", ""),
+                    (f"{mean['input_psnr']:.2f} dB", "input PSNR", ""),
+                    (f"{mean['psnr'] - mean['input_psnr']:+.2f} dB", "gain", ""),
+                    (f"{mean['ssim']:.4f}", "mean SSIM", ""), (f"{mean['input_ssim']:.4f}", "input SSIM", "")])
+    about = [["model", result["model"]], ["model sha256", result.get("model_sha256") or "unknown"],
+             ["task", result["task"]], ["scale", result["scale"]], ["crop border", result["crop_border"]],
+             ["input", input_url], ["target", target_url]]
+    scores = {r["key"]: r for r in rows}
+    entries = []
+    for pair in pairs:
+        r = scores[pair.key]
+        pair.scores = {"psnr": r["psnr"], "ssim": r["ssim"]}
+        pair.input_scores = {"psnr": r["input_psnr"], "ssim": r["input_ssim"]}
+        entries.append(_pair_html(pair, f"{pair.row['width']}×{pair.row['height']}"))
+    note = ("Drag across an image to move the divider; the crops below each pair are 1:1 where the output "
+            "differs most from the input, with the target at the same place.")
+    body = f"""<section id="summary">{cards}
+<h2>Evaluation</h2>{_table(None, about, ' class="kv"')}</section>
+<h2>Per image</h2>{table}
+<h2>Before / after / target</h2>
+<p class="toolbar">{_e(note)} <label><input type="checkbox" id="side"> side by side</label></p>
+<section id="gallery" class="wide" data-count="{len(pairs)}">{"".join(entries)}</section>"""
+    subtitle = f"model <code>{_e(result['model'])}</code> · input <code>{_e(input_url)}</code> → " \
+               f"target <code>{_e(target_url)}</code>"
+    return page_html("Evaluation report", result["model"], subtitle, body, "mirnet eval")
 
 
 # ------------------------------------------------------------------------------------------- browser

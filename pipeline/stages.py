@@ -11,10 +11,14 @@ import json
 import pickle
 import time
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import TYPE_CHECKING, Any, Callable
 
-from . import codecs
-from .engine import EngineSettings, Restorer
+from . import codecs, geo
+from .settings import EngineSettings
+
+if TYPE_CHECKING:  # the light stages' workers never import torch; only the replicas do
+    from .engine import Restorer
+from .formats import PHOTO_EXTENSIONS
 from .storage import Storage
 
 PAYLOAD = ("data", "image", "restored")
@@ -33,6 +37,7 @@ class JobSpec:
     settings: EngineSettings
     out_format: str | None = None  # None: the input's format
     max_pixels: int | None = None  # per image (all pages); None: codecs.DEFAULT_MAX_PIXELS
+    formats: codecs.FormatOptions = codecs.FormatOptions()  # GeoTIFF bands/scaling/STAC, NIfTI axis
 
     def settings_json(self) -> str:
         return json.dumps({"task": self.task, "scale": self.scale, "format": self.out_format,
@@ -78,6 +83,13 @@ def guarded(stage: Callable[..., Row]) -> Callable[..., Row]:
 
 @guarded
 def read(row: Row, spec: JobSpec) -> Row:
+    """The row's bytes; a GeoTIFF scene is left in place (restored window by window) and DICOM/NIfTI
+    are told by content: files not named as photos are sniffed from their first bytes."""
+    if not row["key"].lower().endswith(PHOTO_EXTENSIONS):
+        head = spec.source.read_head(row["key"], codecs.HEAD_BYTES)
+        if codecs.sniff(head, geo.range_reader(spec.source, row["key"])) == "GEOTIFF" and geo.available():
+            row["streamed"] = True
+            return row
     row["data"] = spec.source.read(row["key"])
     return row
 
@@ -90,9 +102,18 @@ def decode(row: Row, spec: JobSpec) -> Row:
     read from the displayed name (same base name as the key), not from the bare key.
     """
     name = spec.source.display(row["key"])
-    fmt = spec.out_format or codecs.format_for(name)
-    image = codecs.decode(row.pop("data"), name, max_pixels=spec.max_pixels or codecs.DEFAULT_MAX_PIXELS)
-    if image.bit_depth == 16 and fmt not in ("PNG", "TIFF"):
+    if row.pop("streamed", False):
+        if spec.out_format not in (None, "TIFF"):
+            raise codecs.CodecError(name, f"a GeoTIFF scene is written as a COG GeoTIFF, not {spec.out_format}")
+        scene = geo.open_scene(spec.source, row["key"], spec.output, row["output_key"], spec.formats,
+                               spec.max_pixels or codecs.DEFAULT_MAX_PIXELS)
+        row.update(image=scene, width=scene.width, height=scene.height, mode=scene.mode, bit_depth=scene.bit_depth,
+                   pages=1)
+        return row
+    data = row.pop("data")
+    fmt = spec.out_format or codecs.format_for(name, data[:codecs.HEAD_BYTES])
+    image = codecs.decode(data, name, max_pixels=spec.max_pixels or codecs.DEFAULT_MAX_PIXELS, options=spec.formats)
+    if image.bit_depth == 16 and fmt not in ("PNG", "TIFF", *codecs.CONTENT_FORMATS):
         raise codecs.CodecError(name, f"16-bit image cannot be written as {fmt}; use --format png or tiff")
     row.update(image=image, width=image.width, height=image.height, mode=image.mode,
                bit_depth=image.bit_depth, pages=len(image.pages))
@@ -104,7 +125,10 @@ def restore(rows: list[Row], restorer: Restorer) -> list[Row]:
 
     If the batch fails, each image is retried alone so that only the bad one fails.
     """
-    live = [r for r in rows if r.get("status") != "failed"]
+    for row in rows:  # a streamed scene reads, restores and writes itself, window by window
+        if row.get("status") != "failed" and isinstance(row.get("image"), codecs.StreamedImage):
+            guarded(_restore_streamed)(row, restorer)
+    live = [r for r in rows if r.get("status") != "failed" and "restored" not in r]
     start = time.perf_counter()
     try:
         results = restorer.restore_images([r["image"] for r in live]) if live else []
@@ -127,11 +151,23 @@ def restore(rows: list[Row], restorer: Restorer) -> list[Row]:
     return rows
 
 
+def _restore_streamed(row: Row, restorer: Restorer) -> Row:
+    row["restored"] = row["image"].restore(restorer)
+    row["tiles"] = row["restored"]["tiles"]
+    row["model"], row["model_sha256"] = restorer.spec.name, restorer.spec.sha256
+    return row
+
+
 @guarded
 def write(row: Row, spec: JobSpec) -> Row:
     image = row.pop("image")
     pages = row.pop("restored")
-    data = codecs.encode(image, pages, spec.out_format or codecs.format_for(row["key"]))
+    if isinstance(image, codecs.StreamedImage):  # already written by the restore stage
+        row["out_height"], row["out_width"] = pages["out_height"], pages["out_width"]
+        row["status"] = "ok"
+        return row
+    fmt = spec.out_format or (image.format if image.format in codecs.CONTENT_FORMATS else codecs.format_for(row["key"]))
+    data = codecs.encode(image, pages, fmt, {"model": row.get("model"), "model_sha256": row.get("model_sha256")})
     spec.output.write(row["output_key"], data)
     row["out_height"], row["out_width"] = pages[0].samples.shape[:2]
     row["status"] = "ok"

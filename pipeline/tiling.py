@@ -62,9 +62,16 @@ class TileGrid:
             after = starts[i] + size - starts[i + 1] if i + 1 < len(starts) else 0
             return min(before, size // 2), min(after, size // 2)
 
-        wy = [ramp(th, *fades(ys, i, th)) for i in range(len(ys))]
-        wx = [ramp(tw, *fades(xs, j, tw)) for j in range(len(xs))]
-        return [[Tile(y, x, th, tw, np.outer(wy[i], wx[j])) for j, x in enumerate(xs)] for i, y in enumerate(ys)]
+        fy = [fades(ys, i, th) for i in range(len(ys))]
+        fx = [fades(xs, j, tw) for j in range(len(xs))]
+        windows: dict[tuple[tuple[int, int], tuple[int, int]], np.ndarray] = {}  # shared: a big grid has few kinds
+
+        def window(i: int, j: int) -> np.ndarray:
+            if (fy[i], fx[j]) not in windows:
+                windows[fy[i], fx[j]] = np.outer(ramp(th, *fy[i]), ramp(tw, *fx[j]))
+            return windows[fy[i], fx[j]]
+
+        return [[Tile(y, x, th, tw, window(i, j)) for j, x in enumerate(xs)] for i, y in enumerate(ys)]
 
     def __len__(self) -> int:
         return len(axis_starts(self.height, self.tile, self.overlap)) * len(axis_starts(self.width, self.tile, self.overlap))

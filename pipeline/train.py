@@ -19,6 +19,7 @@ from __future__ import annotations
 import collections
 import copy
 import csv
+import functools
 import io
 import json
 import math
@@ -97,6 +98,7 @@ def load_config(text_or_dict: str | dict[str, Any], overrides: dict[str, Any] | 
         raise ValueError("config needs data.train.clean")
     if cfg["data"]["degradation"] is None and not cfg["data"]["train"]["degraded"]:
         raise ValueError("config needs data.degradation for unpaired (clean-only) training data")
+    train_data.parse_sources(cfg["data"]["train"]["clean"], paired=bool(cfg["data"]["train"]["degraded"]))
     if cfg["train"]["steps"] < 1:
         raise ValueError("train.steps must be at least 1")
     batch, workers = cfg["train"]["batch_size"], cfg["scaling"]["num_workers"]
@@ -123,7 +125,7 @@ def absolutise_paths(cfg: dict[str, Any]) -> dict[str, Any]:
         cfg["model"]["init"] = _absolute(cfg["model"]["init"])
     for split in ("train", "val"):
         for kind in ("clean", "degraded"):
-            cfg["data"][split][kind] = _absolute(cfg["data"][split][kind])
+            cfg["data"][split][kind] = train_data.map_urls(cfg["data"][split][kind], _absolute)
     return cfg
 
 
@@ -142,12 +144,13 @@ def charbonnier(pred: torch.Tensor, target: torch.Tensor, eps: float) -> torch.T
 
 
 class RunStore:
-    """Files of one run: checkpoints, metrics, plot and exported model, on any fsspec URL."""
+    """Files of one run on any fsspec URL: checkpoints, metrics, plot, report, validation crops, exported model."""
 
     def __init__(self, cfg: dict[str, Any]) -> None:
         self.storage = Storage(f"{cfg['checkpoint']['dir'].rstrip('/')}/{cfg['name']}",
                                cfg["data"]["storage_options"])
         self.url = self.storage.url
+        self.cfg = cfg
 
     def checkpoints(self) -> list[str]:
         try:
@@ -169,7 +172,27 @@ class RunStore:
         self.storage.write(key, buffer.getvalue())
         return key
 
+    def save_validation_crops(self, step: int, key: str, degraded: np.ndarray, restored: np.ndarray,
+                              clean: np.ndarray) -> None:
+        """Small 1:1 crops of one validation image at ``step``, for the training report (``val/``).
+
+        Like the report, the crops are for people: a failure to make or store them is
+        printed and training goes on."""
+        from .report import validation_crop_files
+
+        try:
+            for name, data in validation_crop_files(step, key, degraded, restored, clean).items():
+                self.storage.write(name, data)
+        except Exception as exc:
+            report_failed("validation crops", exc)
+
+    def public_config(self) -> dict[str, Any]:
+        """The run's config without storage options (they may hold credentials) or internal keys."""
+        cfg = {k: v for k, v in self.cfg.items() if not k.startswith("_")}
+        return dict(cfg, data={k: v for k, v in cfg["data"].items() if k != "storage_options"})
+
     def save_metrics(self, history: list[dict[str, Any]]) -> None:
+        """metrics.json/.csv, the metrics.png plot, config.json and the HTML training report (report.html)."""
         self.storage.write("metrics.json", json.dumps(history, indent=1).encode())
         fields = sorted({k for row in history for k in row}, key=lambda k: (k != "step", k))
         text = io.StringIO()
@@ -178,32 +201,31 @@ class RunStore:
         writer.writerows(history)
         self.storage.write("metrics.csv", text.getvalue().encode())
         self.storage.write("metrics.png", plot_history(history))
+        config = self.public_config()
+        self.storage.write("config.json", json.dumps(config, indent=1).encode())
+        from .report import write_training_report
+
+        try:
+            write_training_report(self.storage, history=history, config=config)
+        except Exception as exc:  # the report is for people; it never stops the training
+            report_failed("training report", exc)
+
+
+def report_failed(what: str, exc: BaseException) -> None:
+    """Say that a part of the training report was not written (credentials masked)."""
+    from .redact import redact
+
+    print(redact(f"{what} not written: {type(exc).__name__}: {exc}"), file=sys.stderr, flush=True)
 
 
 def plot_history(history: list[dict[str, Any]]) -> bytes:
     """PNG of training loss and validation PSNR over steps."""
-    import matplotlib
+    from .report import draw_loss, draw_psnr, figure_data, new_figure
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, (ax_loss, ax_psnr) = plt.subplots(1, 2, figsize=(10, 3.6))
-    losses = [(r["step"], r["loss"]) for r in history if r.get("loss") is not None]
-    vals = [(r["step"], r["val_psnr"], r.get("val_input_psnr")) for r in history if r.get("val_psnr") is not None]
-    if losses:
-        ax_loss.plot(*zip(*losses), lw=1)
-    ax_loss.set(xlabel="step", ylabel="Charbonnier loss", title="training loss")
-    if vals:
-        steps, psnrs, inputs = zip(*vals)
-        ax_psnr.plot(steps, psnrs, marker="o", label="restored")
-        ax_psnr.plot(steps, inputs, ls="--", label="degraded input")
-        ax_psnr.legend()
-    ax_psnr.set(xlabel="step", ylabel="PSNR (dB)", title="validation PSNR")
-    fig.tight_layout()
-    buffer = io.BytesIO()
-    fig.savefig(buffer, format="png", dpi=100)
-    plt.close(fig)
-    return buffer.getvalue()
+    figure = new_figure((10, 3.6), 2)
+    draw_loss(figure.axes[0], history)
+    draw_psnr(figure.axes[1], history)
+    return figure_data(figure)
 
 
 def restore_float(model: torch.nn.Module, img: np.ndarray, multiple: int, device: torch.device) -> np.ndarray:
@@ -217,16 +239,23 @@ def restore_float(model: torch.nn.Module, img: np.ndarray, multiple: int, device
 
 
 def validate(model: torch.nn.Module, pairs: list[tuple[str, np.ndarray, np.ndarray]], cfg: dict[str, Any],
-             device: torch.device) -> dict[str, float]:
-    """Mean PSNR/SSIM (RGB and Y) of restored and degraded validation images."""
+             device: torch.device,
+             keep: Callable[[str, np.ndarray, np.ndarray, np.ndarray], None] | None = None) -> dict[str, float]:
+    """Mean PSNR/SSIM (RGB and Y) of restored and degraded validation images.
+
+    ``keep(key, degraded, restored, clean)``, when given, sees every image (the report's crops).
+    """
     multiple = getattr(model, "size_multiple", 4)
     border = cfg["scale"] if cfg["task"] == "sr" else 0
     was_training = model.training
     model.eval()
     restored, inputs = [], []
-    for _, degraded, clean in pairs:
-        restored.append(score(restore_float(model, degraded, multiple, device), clean, border))
+    for key, degraded, clean in pairs:
+        output = restore_float(model, degraded, multiple, device)
+        restored.append(score(output, clean, border))
         inputs.append(score(np.rint(degraded * 255) / 255, clean, border))
+        if keep is not None:
+            keep(key, degraded, output, clean)
     model.train(was_training)
     out = {f"val_{k}": float(np.mean([s.as_dict()[k] for s in restored])) for k in ("psnr", "ssim", "psnr_y", "ssim_y")}
     out.update({f"val_input_{k}": float(np.mean([s.as_dict()[k] for s in inputs])) for k in ("psnr", "ssim")})
@@ -294,13 +323,14 @@ class WorkerContext:
     report: Callable[[dict[str, Any]], None]
 
 
-def ray_worker_context() -> WorkerContext:
-    """The context of a Ray Train worker: its rank, device and shard of the training images."""
+def ray_worker_context(photos: bool = True) -> WorkerContext:
+    """The context of a Ray Train worker: its rank, device and shard of the training images
+    (none without ``photos``: synthetic sources only)."""
     import ray.train
     import ray.train.torch
 
     ctx = ray.train.get_context()
-    pairs = train_data.pairs_from_rows(list(ray.train.get_dataset_shard("train").iter_rows()))
+    pairs = train_data.pairs_from_rows(list(ray.train.get_dataset_shard("train").iter_rows())) if photos else []
     return WorkerContext(ctx.get_world_rank(), ctx.get_world_size(), ray.train.torch.get_device(), pairs,
                          ray.train.torch.prepare_model, ray.train.report)
 
@@ -313,8 +343,7 @@ def inline_context(cfg: dict[str, Any]) -> WorkerContext:
     if s["use_gpu"] and not torch.cuda.is_available():
         raise ValueError("scaling.use_gpu is set, but torch sees no CUDA GPU on this machine")
     device = torch.device("cuda" if s["use_gpu"] else "cpu")
-    pairs = [train_data.load_pair(d["train"]["clean"], d["train"]["degraded"], k, d["storage_options"])
-             for k in train_data.training_keys(d["train"]["clean"], d["storage_options"])]
+    pairs = train_data.load_training_pairs(d["train"]["clean"], d["train"]["degraded"], d["storage_options"])
 
     def report(record: dict[str, Any]) -> None:
         print(" ".join(f"{k} {v:.5g}" if isinstance(v, float) else f"{k} {v}" for k, v in record.items()),
@@ -325,7 +354,7 @@ def inline_context(cfg: dict[str, Any]) -> WorkerContext:
 
 def train_loop_per_worker(cfg: dict[str, Any]) -> None:
     """Ray Train's entry point on each worker."""
-    train_worker(cfg, ray_worker_context())
+    train_worker(cfg, ray_worker_context(photos=train_data.has_photos(cfg["data"]["train"]["clean"])))
 
 
 def train_worker(cfg: dict[str, Any], ctx: WorkerContext) -> None:
@@ -354,7 +383,8 @@ def train_worker(cfg: dict[str, Any], ctx: WorkerContext) -> None:
     ddp_model = ctx.prepare_model(model)
     d = cfg["data"]
     sampler = train_data.PatchSampler(ctx.pairs, d["patch"], Degradation.from_config(d["degradation"])
-                                      if d["degradation"] else None, d["mixup"])
+                                      if d["degradation"] else None, d["mixup"],
+                                      sources=train_data.parse_sources(d["train"]["clean"]))
     val_pairs = load_validation(cfg) if rank == 0 else []
     per_worker = cfg["train"]["batch_size"] // world
 
@@ -384,7 +414,8 @@ def train_worker(cfg: dict[str, Any], ctx: WorkerContext) -> None:
                 record = {"step": step, "loss": float(torch.stack(running).mean()), "lr": lr}
                 running = []
             if val_pairs and (step % cfg["validate"]["every"] == 0 or step == total):
-                record = {"step": step, "lr": lr, **record, **validate(model, val_pairs, cfg, device)}
+                keep = functools.partial(store.save_validation_crops, step)
+                record = {"step": step, "lr": lr, **record, **validate(model, val_pairs, cfg, device, keep)}
             if record and rank == 0:
                 history.append(record)
             if step % cfg["checkpoint"]["every"] == 0 or step == stop_at:
@@ -480,5 +511,5 @@ def _fit_on_ray(cfg: dict[str, Any], address: str | None) -> None:
         run_config=ray.train.RunConfig(name=f"{cfg['name']}-{time.strftime('%Y%m%dT%H%M%S')}",
                                        failure_config=ray.train.FailureConfig(max_failures=cfg["failure"]["max_failures"]),
                                        storage_path=os.path.join(os.path.expanduser("~"), "ray_results")),
-        datasets={"train": dataset})
+        datasets={"train": dataset} if dataset is not None else {})
     trainer.fit()

@@ -247,3 +247,16 @@ def test_transient_storage_errors_are_retried(monkeypatch):
     with pytest.raises(FileNotFoundError):
         storage.with_retries(not_found, "read y")
     assert len(missing) == 1, "a missing object is not a transient error"
+
+
+def test_read_decode_and_write_workers_do_not_load_torch():
+    """Only the replicas need torch: a worker that unpickles the job spec and the light stages
+    starts in a fraction of the time (on small machines that is most of a short job's start-up)."""
+    code = ("import sys, pickle; import pipeline.graph, pipeline.stages; "
+            "from pipeline.stages import JobSpec; from pipeline.storage import Storage; "
+            "from pipeline.settings import EngineSettings; "
+            "pickle.loads(pickle.dumps(JobSpec(Storage('a'), Storage('b'), None, 'denoise', None, EngineSettings()))); "
+            "print(sorted(m for m in ('torch', 'models', 'pipeline.engine') if m in sys.modules))")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert proc.stdout.strip() == "[]"

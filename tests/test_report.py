@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import base64
 import io
+import json
 import math
 import re
 import shutil
@@ -15,7 +16,7 @@ import tifffile
 from click.testing import CliRunner
 from PIL import Image
 
-from pipeline import codecs
+from pipeline import codecs, metrics
 from pipeline.cli import main
 from pipeline.manifest import read_manifest
 from pipeline.metrics import score
@@ -79,15 +80,21 @@ def run(tmp_path_factory, small_model):
             "run_id": rows[0]["run_id"]}
 
 
+def _figures(page: str) -> list[tuple[str, dict[str, list[Image.Image]]]]:
+    """Every gallery figure: its opening tag, and its decoded images by role (the alt text before any colon)."""
+    figures = []
+    for block in page.split('<figure class="pair')[1:]:
+        roles: dict[str, list[Image.Image]] = {}
+        for data, alt in re.findall(r'<img [^>]*?src="data:image/(?:jpeg|png);base64,([^"]+)"[^>]*alt="([^":]*)',
+                                    block):
+            roles.setdefault(alt, []).append(Image.open(io.BytesIO(base64.b64decode(data))))
+        figures.append((block.split(">", 1)[0], roles))
+    return figures
+
+
 def _pairs(page: str) -> dict[str, dict[str, list[Image.Image]]]:
     """Gallery key -> its decoded images by role: before, after (thumbnails), before detail, after detail (crops)."""
-    pairs = {}
-    for block in page.split('<figure class="pair')[1:]:
-        key = re.search(r'data-key="([^"]*)"', block).group(1)
-        pairs[key] = {}
-        for data, alt in re.findall(r'<img [^>]*?src="data:image/jpeg;base64,([^"]+)"[^>]*alt="([^":]*)', block):
-            pairs[key].setdefault(alt, []).append(Image.open(io.BytesIO(base64.b64decode(data))))
-    return pairs
+    return {re.search(r'data-key="([^"]*)"', tag).group(1): roles for tag, roles in _figures(page)}
 
 
 def _block_means(image: np.ndarray, size: int = 8) -> np.ndarray:
@@ -253,3 +260,192 @@ def test_latest_run_is_the_default_and_bad_requests_exit_2(run, small_model, tmp
     assert run["run_id"] in unknown.stderr
     missing = runner.invoke(main, ["report", str(dst), "--src", str(tmp_path / "gone")])
     assert missing.exit_code == 2 and "does not exist" in missing.stderr
+
+
+# ------------------------------------------------------------------------------ training and evaluation
+
+VAL = {"cat.png": photo("chelsea")[:96, :96], "face.png": photo("astronaut")[20:116, 180:276]}
+VAL_STEPS = [2, 4, 6, 8, 10]  # validate.every 2 over 10 steps
+SHOWN_STEPS = [2, 4, 8, 10]  # the first, the last and evenly between (VAL_STEPS_SHOWN = 4)
+
+
+@pytest.fixture(scope="module")
+def training_run(tmp_path_factory):
+    """A real inline training run of 10 steps with two validation images, validated every second step."""
+    from pipeline.train import load_config, run_training
+
+    root = tmp_path_factory.mktemp("training")
+    (root / "clean").mkdir()
+    (root / "val").mkdir()
+    for i, corner in enumerate([(0, 0), (200, 200)]):
+        y, x = corner
+        Image.fromarray(photo("astronaut")[y:y + 128, x:x + 128]).save(root / "clean" / f"{i}.png")
+    for key, image in VAL.items():
+        Image.fromarray(image).save(root / "val" / key)
+    raw = {
+        "name": "tiny-report", "task": "denoise",
+        "model": {"arch": "mirnet_v2", "config": {"n_feat": 16, "n_RRG": 1, "n_MRB": 1}},
+        "data": {"train": {"clean": str(root / "clean")}, "val": {"clean": str(root / "val")},
+                 "degradation": {"kind": "gaussian", "sigma": [20, 40]},
+                 "val_degradation": {"kind": "gaussian", "sigma": [30, 30]}, "patch": 48,
+                 "storage_options": {"auto_mkdir": True}},
+        "optim": {"lr": 1e-3, "warmup_steps": 2},
+        "train": {"steps": 10, "batch_size": 2, "log_every": 1},
+        "checkpoint": {"dir": str(root / "runs"), "every": 5},
+        "validate": {"every": 2, "crop": 96},
+    }
+    result = run_training(load_config(raw), executor="inline")
+    assert result["step"] == 10
+    return {"root": root, "run": root / "runs" / "tiny-report", "history": result["history"]}
+
+
+def test_training_writes_a_report_with_curves_and_validation_crops(training_run):
+    run = training_run["run"]
+    page = (run / "report.html").read_text()  # beside metrics.png
+    assert (run / "metrics.png").exists()
+    curves = re.findall(r'<img src="data:image/png;base64,([^"]+)" alt="([^"]+) curve">', page)
+    assert [alt for _, alt in curves] == ["loss", "learning rate", "validation PSNR"]
+    for data, _ in curves:
+        with Image.open(io.BytesIO(base64.b64decode(data))) as curve:
+            assert curve.format == "PNG" and curve.size[0] > 300
+    table = re.search(r'<table id="validation".*?</table>', page, re.S).group(0)
+    assert [int(s) for s in re.findall(r"<tr><td>(\d+)</td>", table)] == VAL_STEPS
+    figures = _figures(page)
+    steps = [int(re.search(r'data-step="(\d+)"', tag).group(1)) for tag, _ in figures]
+    assert steps == [s for s in SHOWN_STEPS for _ in VAL]  # a crop set per image at each chosen step
+    for tag, roles in figures:
+        assert sorted(roles) == ["clean detail", "degraded detail", "restored detail"]
+        assert all(len(images) == 1 and images[0].size == (96, 96) for images in roles.values())
+    # the crop sets on disk: every validation step, 96x96 crops of the 96x96 validation images
+    saved = sorted(p.relative_to(run / "val").as_posix() for p in (run / "val").rglob("*.*") if p.is_file())
+    assert saved == sorted(f"step-{s:08d}/{k}/{n}" for s in VAL_STEPS for k in VAL
+                           for n in ("clean.png", "crop.json", "degraded.png", "restored.png"))
+    for key, image in VAL.items():
+        folder = run / "val" / f"step-{VAL_STEPS[-1]:08d}" / key
+        meta = json.loads((folder / "crop.json").read_text())
+        x, y, w, h = meta["window"]
+        assert np.array_equal(np.asarray(Image.open(folder / "clean.png")), image[y:y + h, x:x + w])
+        restored = np.asarray(Image.open(folder / "restored.png"), np.float64)
+        degraded = np.asarray(Image.open(folder / "degraded.png"), np.float64)
+        assert meta["psnr"] == pytest.approx(metrics.psnr(restored / 255, image[y:y + h, x:x + w] / 255), abs=1e-3)
+        assert meta["input_psnr"] < meta["psnr"]  # zero-initialised output: never below the input
+        assert not np.array_equal(restored, degraded)
+    config = json.loads((run / "config.json").read_text())
+    assert config["name"] == "tiny-report" and "storage_options" not in config["data"]
+    assert "auto_mkdir" not in page
+
+
+def test_training_report_command_and_its_errors(training_run, tmp_path):
+    runner = CliRunner()
+    out = tmp_path / "again.html"
+    made = runner.invoke(main, ["report", str(training_run["run"]), "--train", "--out", str(out)])
+    assert made.exit_code == 0, made.output
+    assert made.stdout.strip() == str(out)
+    page = out.read_text()
+    assert len(_figures(page)) == len(SHOWN_STEPS) * len(VAL)
+    assert f"{training_run['history'][-1]['val_psnr']:.2f} dB" in page
+    default = runner.invoke(main, ["report", str(training_run["run"]), "--train"])
+    assert default.exit_code == 0 and default.stdout.strip() == str(training_run["run"] / "report.html")
+    gone = runner.invoke(main, ["report", str(tmp_path / "no-run"), "--train"])
+    assert gone.exit_code == 2 and "no-run: no such training run folder" in gone.stderr
+    (tmp_path / "empty-run").mkdir()
+    empty = runner.invoke(main, ["report", str(tmp_path / "empty-run"), "--train"])
+    assert empty.exit_code == 2 and "empty-run/metrics.json: not found" in empty.stderr
+    mixed = runner.invoke(main, ["report", str(training_run["run"]), "--train", "--src", "x", "--sample", "3"])
+    assert mixed.exit_code == 2 and "--src, --sample" in mixed.stderr
+    no_src = runner.invoke(main, ["report", str(training_run["run"])])
+    assert no_src.exit_code == 2 and "--src" in no_src.output
+
+
+EVAL_KEYS = ["a.png", "b.png", "c.png"]
+
+
+@pytest.fixture(scope="module")
+def evaluation(tmp_path_factory, small_model):
+    """`mirnet eval --report` over three noisy crops of a real photo."""
+    root = tmp_path_factory.mktemp("eval")
+    (root / "noisy").mkdir()
+    (root / "clean").mkdir()
+    corners = [(0, 0), (100, 150), (300, 260)]
+    clean = {key: photo("astronaut")[y:y + 96, x:x + 120] for key, (y, x) in zip(EVAL_KEYS, corners)}
+    for i, (key, image) in enumerate(clean.items()):
+        Image.fromarray(image).save(root / "clean" / key)
+        Image.fromarray(_noisy(image, 25, i)).save(root / "noisy" / key)
+    result = CliRunner().invoke(main, ["eval", "--model", small_model, "--input", str(root / "noisy"), "--target",
+                                       str(root / "clean"), "--json", str(root / "eval.json"),
+                                       "--report", str(root / "eval.html")])
+    assert result.exit_code == 0, result.output
+    return {"root": root, "clean": clean, "json": json.loads((root / "eval.json").read_text()),
+            "page": (root / "eval.html").read_text(), "stderr": result.stderr}
+
+
+def test_eval_report_has_a_row_per_image_the_means_and_a_gallery(evaluation):
+    page, scores = evaluation["page"], evaluation["json"]
+    assert f"wrote {evaluation['root'] / 'eval.html'}" in evaluation["stderr"]
+    table = re.search(r'<table id="images".*?</table>', page, re.S).group(0)
+    body = re.findall(r"<tr><td>([^<]*)</td><td>([^<]*)</td><td>([^<]*)</td>", table.split("<tfoot>")[0])
+    assert [key for key, _, _ in body] == EVAL_KEYS
+    for (key, psnr, ssim), row in zip(body, scores["images"]):
+        assert (psnr, ssim) == (f"{row['psnr']:.2f}", f"{row['ssim']:.4f}")
+    foot = re.findall(r"<th>([^<]*)</th>", table.split("<tfoot>")[1])
+    mean = scores["mean"]
+    assert foot[:2] == ["mean of 3", f"{mean['psnr']:.2f}"]
+    assert foot[5] == f"{mean['input_psnr']:.2f}" and foot[-1] == f"{mean['psnr'] - mean['input_psnr']:+.2f}"
+    pairs = _pairs(page)
+    assert sorted(pairs) == EVAL_KEYS
+    for key, roles in pairs.items():
+        (before,), (after,) = roles["before"], roles["after"]
+        assert before.size == after.size == (120, 96)
+        crops = [roles[f"{r} detail"] for r in ("before", "after", "target")]
+        assert len({len(c) for c in crops}) == 1 and len(crops[0]) >= 1
+        # the target crop shows the clean image at the window named in the caption (to JPEG's precision)
+        block = page.split(f'data-key="{key}"')[1].split("</figure>")[0]
+        x, y, w, h = map(int, re.search(r"x (\d+), y (\d+) · (\d+)×(\d+) at 1:1", block).groups())
+        shown = np.asarray(roles["target detail"][0], np.float64)
+        want = evaluation["clean"][key][y:y + h, x:x + w].astype(np.float64)
+        assert shown.shape == want.shape and np.abs(_block_means(shown) - _block_means(want)).mean() < 3
+
+
+def test_eval_with_a_target_of_another_size_names_it(evaluation, small_model, tmp_path):
+    clean = tmp_path / "clean"
+    shutil.copytree(evaluation["root"] / "clean", clean)
+    Image.fromarray(evaluation["clean"]["b.png"][:80]).save(clean / "b.png")
+    result = CliRunner().invoke(main, ["eval", "--model", small_model, "--input", str(evaluation["root"] / "noisy"),
+                                       "--target", str(clean), "--json", str(tmp_path / "e.json"), "--report",
+                                       str(tmp_path / "e.html")])
+    assert result.exit_code == 2, result.output
+    assert f"{clean}/b.png: the target is 120x80" in result.stderr and "sizes do not match" in result.stderr
+    assert not (tmp_path / "e.html").exists()
+
+
+@needs_browser
+def test_training_and_eval_reports_render_in_headless_chromium(training_run, evaluation, tmp_path):
+    shot = tmp_path / "training-report.png"  # the test's artefact: look at it
+    pages = {"training": (training_run["run"] / "report.html", 3 + 3 * len(SHOWN_STEPS) * len(VAL),
+                          len(SHOWN_STEPS) * len(VAL)),
+             "eval": (evaluation["root"] / "eval.html", None, len(EVAL_KEYS))}
+    for name, (path, images, pairs) in pages.items():
+        check = browser_check(str(path), browser=BROWSER, screenshot=str(shot) if name == "training" else None)
+        assert check.console == [], (name, check.console)
+        assert check.selfcheck["errors"] == [] and 'data-done="1"' in check.dom
+        assert check.selfcheck["pairs"] == pairs
+        embedded = len(re.findall(r'<img [^>]*src="data:image/', path.read_text()))
+        assert check.selfcheck["images"] == check.selfcheck["decoded"] == (images or embedded), name
+    with Image.open(shot) as image:
+        assert image.size == (1280, 2000)
+        assert np.asarray(image.convert("L")).std() > 20  # a page, not a blank window
+
+
+def test_training_report_of_a_run_folder_in_a_bucket(training_run, bucket):
+    fs = s3fs.S3FileSystem()
+    fs.put(str(training_run["run"]), f"{bucket}/runs/tiny-report", recursive=True)
+    folder = f"s3://{bucket}/runs/tiny-report"
+    made = CliRunner().invoke(main, ["report", folder, "--train"])
+    assert made.exit_code == 0, made.output
+    assert made.stdout.strip() == f"{folder}/report.html"
+    fs.invalidate_cache()
+    page = fs.cat_file(f"{bucket}/runs/tiny-report/report.html").decode()
+    figures = _figures(page)
+    assert [re.search(r'data-step="(\d+)"', tag).group(1) for tag, _ in figures] == [
+        str(s) for s in SHOWN_STEPS for _ in VAL]
+    assert all(len(roles) == 3 for _, roles in figures)  # degraded, restored, clean crops read from the bucket

@@ -370,7 +370,7 @@ def probe(data: bytes, name: str, max_pixels: int | None = None) -> ImageHeader:
         raise CodecError(name, "empty file (0 bytes)")
     content = sniff(data[:HEAD_BYTES])
     if content in CONTENT_FORMATS:
-        header = _content_module(content).probe(data, name)
+        header = content_module(content).probe(data, name)
         _check_pixel_limit(header, name, max_pixels)
         return header
     with _codec_errors(name):
@@ -509,8 +509,8 @@ def decode(data: bytes, name: str, max_pixels: int | None = DEFAULT_MAX_PIXELS,
     if content in CONTENT_FORMATS:
         _check_pixel_limit(header, name, max_pixels)
         if content == "NIFTI":
-            return _content_module(content).decode(data, name, (options or FormatOptions()).slice_axis)
-        return _content_module(content).decode(data, name)
+            return content_module(content).decode(data, name, (options or FormatOptions()).slice_axis)
+        return content_module(content).decode(data, name)
     is_tiff = data[:4] in TIFF_MAGIC
     if not is_tiff and header.pages > 1:
         raise CodecError(name, f"animated images are not supported ({header.pages} frames); "
@@ -574,7 +574,7 @@ def _png_with_metadata(png: bytes, image: DecodedImage) -> bytes:
     return png[:ihdr_end] + chunks + png[ihdr_end:]
 
 
-def _content_module(fmt: str) -> Any:
+def content_module(fmt: str) -> Any:
     """The module that reads and writes DICOM or NIfTI (imported on use: optional extras)."""
     import importlib
 
@@ -593,7 +593,7 @@ def encode(image: DecodedImage, restored: list[Page], fmt: str | None = None,
     if image.format in CONTENT_FORMATS:
         if fmt != image.format:
             raise CodecError(image.name, f"{image.format} input is written as {image.format}, not {fmt}")
-        return _content_module(image.format).encode(image, restored, provenance or {})
+        return content_module(image.format).encode(image, restored, provenance or {})
     channels = image.channels
     bit_depth = image.bit_depth
     if bit_depth == 16 and fmt not in ("PNG", "TIFF"):

@@ -19,6 +19,7 @@ uncompressed (Explicit VR Little Endian, Transfer Syntax UID changes); others ke
 """
 from __future__ import annotations
 
+import copy
 import io
 from dataclasses import dataclass, field
 from typing import Any
@@ -124,13 +125,28 @@ def uid_from(*parts: str) -> str:
     return str(_pydicom().uid.generate_uid(entropy_srcs=[p or "" for p in parts]))
 
 
+def new_series_uid(image: DicomImage, model_sha256: str | None) -> str:
+    """The restored series' UID: one per source series and model."""
+    return uid_from(str(image.dataset.get("SeriesInstanceUID", "")), model_sha256 or "unknown")
+
+
+def series_entry(image: DicomImage, model_sha256: str | None) -> dict[str, Any]:
+    """What the run summary records of one restored instance's series (``runs/RUN.json``)."""
+    ds = image.dataset
+    return {"source_series": str(ds.get("SeriesInstanceUID", "")), "series": new_series_uid(image, model_sha256),
+            "modality": str(ds.get("Modality", "")), "description": str(ds.get("SeriesDescription", "")),
+            "frames": len(image.pages)}
+
+
 def encode(image: DicomImage, restored: list[Page], provenance: dict[str, Any]) -> bytes:
     """The restored instance (module docstring lists what changes) as DICOM file bytes."""
     pydicom = _pydicom()
     from pydicom.dataset import Dataset
     from pydicom.uid import ExplicitVRLittleEndian
 
-    ds, (lo, hi) = image.dataset.copy(), image.window
+    # A deep copy: pydicom's copy() shares the data elements, and setting a tag on it would
+    # change the decoded input as well.
+    ds, (lo, hi) = copy.deepcopy(image.dataset), image.window
     if restored[0].samples.shape[:2] != image.pages[0].samples.shape[:2]:
         raise CodecError(image.name, "super-resolution changes the pixel grid; DICOM outputs keep the input's "
                                      "(restore DICOM with a same-size task)")
@@ -155,7 +171,7 @@ def encode(image: DicomImage, restored: list[Page], provenance: dict[str, Any]) 
     source_uid, source_class = str(image.dataset.SOPInstanceUID), str(image.dataset.SOPClassUID)
     ds.SOPInstanceUID = uid_from(source_uid, image.name, sha)
     ds.file_meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
-    ds.SeriesInstanceUID = uid_from(str(image.dataset.get("SeriesInstanceUID", "")), sha)
+    ds.SeriesInstanceUID = new_series_uid(image, sha)
     image_type = list(image.dataset.get("ImageType", ["ORIGINAL", "PRIMARY"]))
     ds.ImageType = ["DERIVED", *(image_type[1:] or ["SECONDARY"])]
     ds.DerivationDescription = f"Restored by mirnet-restore, model {model} (sha256 {sha})"[:1024]

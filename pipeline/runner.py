@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import os
+import posixpath
 import socket
 import sys
 import time
@@ -33,6 +34,20 @@ class JobResult:
     seconds: float = 0.0
     failures: list[Row] = field(default_factory=list)
     stopped_early: bool = False
+    dicom_series: dict[str, dict[str, Any]] = field(default_factory=dict)  # source series UID -> summary
+
+    def count_series(self, row: Row) -> None:
+        """Add a restored DICOM instance to its series' summary."""
+        entry = row.pop("dicom_series", None)
+        if entry is None:
+            return
+        series = self.dicom_series.setdefault(entry["source_series"], {**entry, "instances": 0, "frames": 0,
+                                                                        "folders": []})
+        series["instances"] += 1
+        series["frames"] += entry["frames"]
+        folder = posixpath.dirname(row["output_key"])
+        if folder not in series["folders"]:
+            series["folders"].append(folder)
 
     @property
     def exit_code(self) -> int:
@@ -229,6 +244,7 @@ def execute(plan: Plan, spec: JobSpec, *, executor: str = "ray", cluster: Cluste
         for row in rows():
             if plan.lease is not None:
                 plan.lease.check()
+            result.count_series(row)
             row = redact_row(row)
             writer.add(row)
             progress.update(row)
@@ -258,7 +274,8 @@ def run_summary(result: JobResult, spec: JobSpec, executor: str, model: ModelSpe
             "ok": result.ok, "failed": result.failed, "skipped": result.skipped,
             "stopped_early": result.stopped_early, "executor": executor,
             "model": redact(model.name if model else spec.model or ""), "model_sha256": model.sha256 if model else None,
-            "task": spec.task, "settings": spec.settings.as_dict(), "host": socket.gethostname()}
+            "task": spec.task, "settings": spec.settings.as_dict(), "host": socket.gethostname(),
+            "dicom_series": list(result.dicom_series.values())}
 
 
 def summary(result: JobResult, plan: Plan, limit: int = 5) -> str:

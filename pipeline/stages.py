@@ -169,6 +169,8 @@ def write(row: Row, spec: JobSpec) -> Row:
     fmt = spec.out_format or (image.format if image.format in codecs.CONTENT_FORMATS else codecs.format_for(row["key"]))
     data = codecs.encode(image, pages, fmt, {"model": row.get("model"), "model_sha256": row.get("model_sha256")})
     spec.output.write(row["output_key"], data)
+    if image.format == "DICOM":  # for the run's per-series summary (not a manifest column)
+        row["dicom_series"] = codecs.content_module("DICOM").series_entry(image, row.get("model_sha256"))
     row["out_height"], row["out_width"] = pages[0].samples.shape[:2]
     row["status"] = "ok"
     return row

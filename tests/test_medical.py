@@ -103,6 +103,30 @@ def test_dicom_series_get_one_new_series_each_and_folders_are_mirrored(dicom_run
     assert mr[0].SOPInstanceUID != mr[1].SOPInstanceUID
 
 
+def test_run_summary_lists_each_restored_series(dicom_run):
+    """DST/_manifest/runs/RUN.json: per source series, its new series UID, instances, frames and folders."""
+    import json
+
+    src, out, rows = dicom_run
+    summaries = [json.loads(p.read_text()) for p in (out / "_manifest" / "runs").glob("*.json")]
+    assert len(summaries) == 1
+    series = {s["source_series"]: s for s in summaries[0]["dicom_series"]}
+    written = {}
+    for key, row in rows.items():
+        if row["status"] == "ok":
+            ds = pydicom.dcmread(out / row["output_key"])
+            original = pydicom.dcmread(src / key)
+            written.setdefault(str(original.SeriesInstanceUID), []).append((ds, row))
+    assert set(series) == set(written)
+    for uid, instances in written.items():
+        entry = series[uid]
+        assert entry["series"] == str(instances[0][0].SeriesInstanceUID)
+        assert entry["instances"] == len(instances)
+        assert entry["frames"] == sum(int(ds.get("NumberOfFrames", 1) or 1) for ds, _ in instances)
+        assert entry["folders"] == sorted({r["output_key"].rsplit("/", 1)[0] for _, r in instances})
+        assert entry["modality"] == str(instances[0][0].Modality)
+
+
 def test_dicom_hounsfield_units_map_back_through_rescale(dicom_run):
     """The CT's modality values (HU) after restoration stay close to the input's, through slope and intercept."""
     src, out, _ = dicom_run

@@ -36,8 +36,8 @@ def test_scene_series_and_volume_restore_on_ray_from_s3(tmp_path, bucket, ray_ru
     model = tiny_checkpoint(tmp_path / "tiny.safetensors")
     src, dst = f"s3://{bucket}/in", f"s3://{bucket}/out"
 
-    result = CliRunner().invoke(main, ["restore", src, dst, "--model", model, "--executor", "ray", "--quiet",
-                                       "--tile", "128", "--overlap", "16"])
+    args = ["restore", src, dst, "--model", model, "--executor", "ray", "--quiet", "--tile", "128", "--overlap", "16"]
+    result = CliRunner().invoke(main, args)
     assert result.exit_code == 0, result.output
     rows = {r["key"]: r for r in read_manifest(Storage(dst)).to_pylist()}
     assert set(rows) == {"series/scene.tif", "series/ct.dcm", "series/brain.nii.gz"}
@@ -54,3 +54,7 @@ def test_scene_series_and_volume_restore_on_ray_from_s3(tmp_path, bucket, ray_ru
     assert ct_out.pixel_array.shape == ct_in.pixel_array.shape and ct_out.pixel_array.dtype == ct_in.pixel_array.dtype
     out_volume = nibabel.Nifti1Image.from_bytes(gzip.decompress(fs.cat_file(f"{bucket}/out/series/brain.nii.gz")))
     assert np.allclose(out_volume.affine, volume.affine) and out_volume.shape == volume.shape
+
+    rerun = CliRunner().invoke(main, args)  # resume: every output is there with an ok row
+    assert rerun.exit_code == 0 and "0 ok, 0 failed, 3 skipped" in rerun.output, rerun.output
+    assert len(read_manifest(Storage(dst)).to_pylist()) == 3

@@ -7,6 +7,7 @@ end-to-end ratio includes the replicas' start-up; the steady ratio compares the 
 between each run's first and last finished image (from the manifests).
 
     python -m benchmarks.pipeline_throughput [--images 24] [--size 256] [--model NAME_OR_PATH]
+        [--replica-share 0.75] [--light-cpus 0.25]   # Ray's CPU shares (pipeline/graph.py), to size them
 """
 from __future__ import annotations
 
@@ -52,8 +53,14 @@ def main() -> dict:
     parser.add_argument("--images", type=int, default=24)
     parser.add_argument("--size", type=int, default=256)
     parser.add_argument("--model")
+    parser.add_argument("--replica-share", type=float, help="CPU share a replica reserves per core it uses")
+    parser.add_argument("--light-cpus", type=float, help="CPUs a read / decode / write task reserves")
     parser.add_argument("--json")
     args = parser.parse_args()
+    from pipeline import graph
+
+    graph.CPU_REPLICA_SHARE = args.replica_share or graph.CPU_REPLICA_SHARE
+    graph.LIGHT_TASK_CPUS = args.light_cpus or graph.LIGHT_TASK_CPUS
     import models
 
     model = args.model or models.default_for("denoise").name
@@ -90,6 +97,7 @@ def main() -> dict:
         steady = {name: steady_rate(Path(tmp) / name) for name in ("loop", "ray")}
     assert loop.ok == ray_result.ok == args.images
     report = {"images": args.images, "size": args.size, "model": model, "cpus": cpus,
+              "replica_share": graph.CPU_REPLICA_SHARE, "light_task_cpus": graph.LIGHT_TASK_CPUS,
               "loop_images_per_s": round(args.images / loop_seconds, 3),
               "pipeline_images_per_s": round(args.images / ray_seconds, 3),
               "ratio_pipeline_over_loop": round(loop_seconds / ray_seconds, 3),

@@ -180,6 +180,38 @@ def test_identity_model_gives_back_the_stored_values_exactly():
     assert codecs.encode(decoded, decoded.pages) == raw
 
 
+@pytest.mark.parametrize("bits, signed, photometric", [(8, False, "MONOCHROME1"), (16, True, "MONOCHROME1"),
+                                                       (8, False, "MONOCHROME2")])
+def test_8_bit_and_monochrome1_instances_round_trip(tmp_path, model, bits, signed, photometric):
+    """8-bit and MONOCHROME1 (inverted display) instances made from MR_small keep their pixel type and
+    photometric interpretation; with a model that returns its input the stored values come back exactly."""
+    ds = pydicom.dcmread(get_testdata_file("MR_small.dcm"))
+    pixels = ds.pixel_array.astype(np.float64)
+    scaled = (pixels - pixels.min()) / np.ptp(pixels)
+    dtype = {(8, False): np.uint8, (16, True): np.int16}[(bits, signed)]
+    stored = (scaled * (255 if bits == 8 else 3000) - (0 if bits == 8 else 1000)).round().astype(dtype)
+    ds.BitsAllocated = ds.BitsStored = bits
+    ds.HighBit = bits - 1
+    ds.PixelRepresentation = int(signed)
+    ds.PhotometricInterpretation = photometric
+    ds.PixelData = stored.tobytes()
+    for tag in ("WindowCenter", "WindowWidth", "SmallestImagePixelValue", "LargestImagePixelValue"):
+        if tag in ds:
+            del ds[tag]
+    path = tmp_path / "in" / "im.dcm"
+    path.parent.mkdir()
+    ds.save_as(path)
+    image = codecs.decode(path.read_bytes(), "im.dcm")
+    same = pydicom.dcmread(io.BytesIO(codecs.encode(image, image.pages)))
+    assert np.array_equal(same.pixel_array, stored)
+    rows = restore(tmp_path / "in", tmp_path / "out", "--model", model)
+    assert [r["status"] for r in rows] == ["ok"], rows
+    out = pydicom.dcmread(tmp_path / "out" / "im.dcm")
+    assert out.pixel_array.dtype == stored.dtype and out.pixel_array.shape == stored.shape
+    assert (out.PhotometricInterpretation, out.BitsAllocated, out.PixelRepresentation) == (photometric, bits,
+                                                                                         int(signed))
+
+
 def nifti_volume(path, gz: bool) -> nibabel.Nifti1Image:
     rng = np.random.default_rng(1)
     data = (400 + 200 * np.sin(np.arange(48)[:, None, None] / 6) * np.cos(np.arange(40)[None, :, None] / 5)

@@ -44,7 +44,7 @@ import numpy as np
 import tifffile
 from PIL import Image, ImageFile, UnidentifiedImageError
 
-from .formats import EXTENSION_BY_FORMAT, FORMAT_BY_EXTENSION, format_of_name
+from .formats import EXTENSION_BY_FORMAT, FORMAT_BY_EXTENSION, SCIENTIFIC_BY_EXTENSION, format_of_name
 
 ImageFile.LOAD_TRUNCATED_IMAGES = False
 
@@ -207,8 +207,13 @@ def format_for(name: str, head: bytes | None = None) -> str:
         return content
     fmt = format_of_name(name)
     if fmt is None:
+        named = next((f for ext, f in SCIENTIFIC_BY_EXTENSION.items() if name.lower().endswith(ext)), None)
+        if named is not None:  # named as DICOM or NIfTI, but its first bytes are not
+            label = {"NIFTI": "NIfTI"}.get(named, named)
+            raise CodecError(name, f"not a {label} file: its content has no {label} header")
         ext = "." + name.rsplit(".", 1)[-1].lower() if "." in name.rsplit("/", 1)[-1] else "(no extension)"
-        raise CodecError(name, f"unsupported format {ext}; supported: {', '.join(sorted(FORMAT_BY_EXTENSION))}")
+        supported = sorted([*FORMAT_BY_EXTENSION, *SCIENTIFIC_BY_EXTENSION])
+        raise CodecError(name, f"unsupported format {ext}; supported: {', '.join(supported)}")
     return fmt
 
 

@@ -21,13 +21,15 @@ from __future__ import annotations
 
 import copy
 import io
+import logging
+import warnings
 from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
 
 from .codecs import CodecError, DecodedImage, ImageHeader, Page
-from .scaling import from_unit, percentile_range, quantise_unit, to_stored, to_unit
+from .scaling import from_unit, percentile_range, quantise, to_stored, to_unit
 
 # Tags a restored instance changes (keywords); every other tag is the input's.
 CHANGED_TAGS = ("SOPInstanceUID", "SeriesInstanceUID", "ImageType", "DerivationDescription",
@@ -39,13 +41,17 @@ def _pydicom() -> Any:
         import pydicom
     except ImportError as exc:  # pragma: no cover - the extra is installed in CI
         raise CodecError("DICOM", "DICOM needs pydicom: pip install 'mirnet-restore[medical]'") from exc
+    # pydicom logs (and warns) about every odd element of a damaged file; the row's error says what matters.
+    logging.getLogger("pydicom").setLevel(logging.ERROR)
     return pydicom
 
 
 def _read(data: bytes, name: str, pixels: bool) -> Any:
     pydicom = _pydicom()
     try:
-        return pydicom.dcmread(io.BytesIO(data), stop_before_pixels=not pixels)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            return pydicom.dcmread(io.BytesIO(data), stop_before_pixels=not pixels)
     except Exception as exc:  # pydicom's InvalidDicomError, struct and EOF errors on a damaged file
         raise CodecError(name, f"not a readable DICOM file ({type(exc).__name__}: {exc})") from exc
 
@@ -108,7 +114,7 @@ def decode(data: bytes, name: str) -> DicomImage:
     pages = []
     for frame in values:
         unit = to_unit(frame, lo, hi)
-        pages.append(Page(quantise_unit(1.0 - unit if inverted else unit)[:, :, None]))
+        pages.append(Page(quantise(1.0 - unit if inverted else unit, 65535.0, np.uint16)[:, :, None]))
     return DicomImage(name, "DICOM", pages, 16, "I;16", dataset=ds, values=values, stored_dtype=stored.dtype,
                       window=(lo, hi), inverted=inverted)
 

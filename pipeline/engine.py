@@ -29,6 +29,7 @@ from models import TASKS
 from models.cards import ModelCard
 
 from .codecs import DecodedImage, Page
+from .scaling import quantise
 from .settings import EngineError, EngineSettings, Precision
 from .tiling import StripeBlender, Tile, TileGrid
 
@@ -530,10 +531,3 @@ class PageJob:
     # Streamed page: finished float rows (top, rows) are handed here as the blender emits them
     # instead of being kept in an output array (restore_arrays then returns None for the page).
     sink: Callable[[int, np.ndarray], None] | None = None
-
-
-def quantise(values: np.ndarray, peak: float, dtype: np.dtype) -> np.ndarray:
-    """Float [0, 1] to samples of ``dtype``: rounded integers, or clipped floats for a float dtype."""
-    if np.issubdtype(dtype, np.floating):
-        return np.clip(values, 0.0, 1.0).astype(dtype)
-    return np.rint(np.clip(values, 0.0, 1.0) * peak).astype(dtype)

@@ -14,7 +14,8 @@ OTHER_IMAGE_EXTENSIONS = (".gif", ".heic", ".heif", ".avif", ".jxl", ".jp2", ".j
                           ".hdr", ".dng", ".cr2", ".nef", ".arw")
 # Scientific formats, told by their content (codecs.sniff) and written back in their own format;
 # DICOM files often have no extension: list them with --include '*'.
-SCIENTIFIC_PATTERNS = ("*.dcm", "*.dicom", "*.nii", "*.nii.gz")
+SCIENTIFIC_BY_EXTENSION = {".dcm": "DICOM", ".dicom": "DICOM", ".nii": "NIFTI", ".nii.gz": "NIFTI"}
+SCIENTIFIC_PATTERNS = tuple(f"*{ext}" for ext in SCIENTIFIC_BY_EXTENSION)
 RESTORE_PATTERNS = (IMAGE_PATTERNS + tuple(f"*{ext}" for ext in OTHER_IMAGE_EXTENSIONS)
                     + SCIENTIFIC_PATTERNS)  # restore's default listing
 # Extensions of the formats that may have to be told by content (TIFF: a GeoTIFF scene or not).

@@ -128,9 +128,9 @@ def _pod(settings: dict[str, Any], container: dict[str, Any], group: dict[str, A
     return {"spec": spec}
 
 
-def cluster_spec(job: ClusterJob) -> dict[str, Any]:
-    """The RayCluster spec: a head with no work scheduled on it and the spec's worker groups."""
-    settings = _settings(job)
+def cluster_spec(settings: dict[str, Any]) -> dict[str, Any]:
+    """The RayCluster spec from the spec's checked ``kuberay`` block (``_settings``): a head with no
+    work scheduled on it and the spec's worker groups."""
     head = {**DEFAULT_HEAD, **settings.get("head", {})}
     workers = []
     for group in settings["workers"]:
@@ -157,9 +157,8 @@ def _runtime_env(job: ClusterJob, settings: dict[str, Any]) -> dict[str, Any]:
     return env
 
 
-def job_spec(job: ClusterJob) -> dict[str, Any]:
+def job_spec(job: ClusterJob, settings: dict[str, Any]) -> dict[str, Any]:
     """The RayJob spec: the entrypoint, its runtime env and resources, and the cluster to create for it."""
-    settings = _settings(job)
     spec: dict[str, Any] = {
         "entrypoint": job.command,
         "shutdownAfterJobFinishes": bool(settings.get("shutdown_after_job_finishes", True)),
@@ -167,7 +166,7 @@ def job_spec(job: ClusterJob) -> dict[str, Any]:
         "backoffLimit": int(settings.get("backoff_limit", 0)),
         "submissionMode": "K8sJobMode",
         "metadata": {**job.metadata, "mirnet.spec": job.name},
-        "rayClusterSpec": cluster_spec(job)}
+        "rayClusterSpec": cluster_spec(settings)}
     runtime_env = _runtime_env(job, settings)
     if runtime_env:
         spec["runtimeEnvYAML"] = yaml.safe_dump(runtime_env, sort_keys=False)
@@ -191,14 +190,14 @@ def render(job: ClusterJob, kind: str | None = None) -> dict[str, Any]:
     if settings.get("namespace"):
         metadata["namespace"] = settings["namespace"]
     if kind == "RayJob":
-        spec = job_spec(job)
+        spec = job_spec(job, settings)
     elif kind == "RayCronJob":
         if not job.schedule:
             raise SpecError(f"{job.source}: schedule: a RayCronJob needs a schedule")
         spec = {"schedule": job.schedule, "timeZone": str(settings.get("time_zone", "Etc/UTC")),
-                "jobTemplate": job_spec(job)}
+                "jobTemplate": job_spec(job, settings)}
     elif kind == "RayCluster":
-        spec = cluster_spec(job)
+        spec = cluster_spec(settings)
     else:
         raise SpecError(f"unknown manifest kind {kind!r} (RayJob, RayCronJob or RayCluster)")
     return {"apiVersion": API_VERSION, "kind": kind, "metadata": metadata, "spec": spec}

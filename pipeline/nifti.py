@@ -20,7 +20,7 @@ from typing import Any
 import numpy as np
 
 from .codecs import CodecError, DecodedImage, ImageHeader, Page
-from .scaling import from_unit, percentile_range, quantise_unit, to_stored, to_unit
+from .scaling import from_unit, percentile_range, quantise, to_stored, to_unit
 
 
 def _load(data: bytes, name: str) -> tuple[Any, bytes, bool]:
@@ -92,7 +92,7 @@ def decode(data: bytes, name: str, axis: int = 2) -> NiftiImage:
     values = _values(volume, slope, inter)
     finite = values[np.isfinite(values)]
     lo, hi = percentile_range(finite[:: max(1, finite.size // 1_000_000)])
-    pages = [Page(quantise_unit(to_unit(s, lo, hi))[:, :, None]) for s in _slice_views(values, axis)]
+    pages = [Page(quantise(to_unit(s, lo, hi), 65535.0, np.uint16)[:, :, None]) for s in _slice_views(values, axis)]
     offset = int(type(header).from_fileobj(io.BytesIO(raw)).get_data_offset())  # as stored in the file
     return NiftiImage(name, "NIFTI", pages, 16, "I;16", raw=raw, zipped=zipped, offset=offset,
                       volume=volume, axis=axis, scaling=(slope, inter, lo, hi))

@@ -1,4 +1,5 @@
-"""Mapping stored values (reflectance, Hounsfield units, NIfTI intensities) to a model's [0, 1] and back.
+"""Mapping stored values (reflectance, Hounsfield units, NIfTI intensities) to a model's [0, 1] and back,
+and [0, 1] floats to integer samples (``quantise``, torch-free, shared with the engine).
 
 The rule shared by GeoTIFF, DICOM and NIfTI: a value v maps to (v - lo) / (hi - lo), clipped to
 [0, 1] for the model; the output is v + (model output - model input) * (hi - lo). Values beyond
@@ -42,6 +43,8 @@ def to_stored(values: np.ndarray, dtype: np.dtype | str, limits: tuple[float, fl
     return np.clip(np.rint(values), low, high).astype(kind)
 
 
-def quantise_unit(unit: np.ndarray) -> np.ndarray:
-    """[0, 1] float to the 16-bit samples the engine restores (peak 65535)."""
-    return np.rint(unit * 65535.0).astype(np.uint16)
+def quantise(values: np.ndarray, peak: float, dtype: np.dtype) -> np.ndarray:
+    """Float [0, 1] to samples of ``dtype``: rounded integers, or clipped floats for a float dtype."""
+    if np.issubdtype(dtype, np.floating):
+        return np.clip(values, 0.0, 1.0).astype(dtype)
+    return np.rint(np.clip(values, 0.0, 1.0) * peak).astype(dtype)

@@ -245,6 +245,13 @@ def test_nifti_round_trips_with_affine_and_header(tmp_path, model, name, axis):
     assert np.corrcoef(before.get_fdata().ravel(), after.get_fdata().ravel())[0, 1] > 0.5
 
 
+def test_misnamed_and_unknown_files_say_what_they_are_not():
+    with pytest.raises(codecs.CodecError, match=r"brain\.nii\.gz: not a NIfTI file: its content has no NIfTI header"):
+        codecs.format_for("brain.nii.gz", b"\x1f\x8b" + b"x" * 100)
+    with pytest.raises(codecs.CodecError, match=r"notes\.xyz: unsupported format \.xyz; supported: .*\.dcm.*\.nii\.gz"):
+        codecs.format_for("notes.xyz", b"hello")
+
+
 def test_formats_are_told_by_content():
     ct = open(get_testdata_file("CT_small.dcm"), "rb").read()
     assert codecs.sniff(ct[:codecs.HEAD_BYTES]) == "DICOM"

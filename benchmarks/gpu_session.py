@@ -89,7 +89,7 @@ def rate(fn: Callable[[], Any], device: torch.device, min_seconds: float) -> tup
 def build(arch: str, quick: bool, device: torch.device) -> torch.nn.Module:
     import models
 
-    return models.build(arch, **(QUICK_CONFIGS[arch] if quick else {})).to(device).eval()
+    return models.build(arch, **(QUICK_CONFIGS[arch] if quick else {})).module.to(device).eval()
 
 
 def model_only(args: argparse.Namespace, device: torch.device, budget: Budget, report: dict[str, Any]) -> None:
@@ -130,20 +130,20 @@ def model_only(args: argparse.Namespace, device: torch.device, budget: Budget, r
 
 
 def checks(args: argparse.Namespace, device: torch.device, report: dict[str, Any]) -> None:
-    from pipeline.codecs import DecodedImage, Page
-    from pipeline.engine import EngineSettings, Restorer, resolve_model
+    import models
+    from pipeline.engine import EngineSettings, Restorer, restore_array
 
-    spec = resolve_model(args.model, "denoise")
+    spec = models.resolve(args.model, "denoise")
     size = 64 if args.quick else 256
     clean, noisy = noisy_photos(size)[0]
     # The pipelined path (pinned host buffers, side-stream copies, one batch in flight) against
     # a plain forward of the same tiles: equal in fp32.
     restorer = Restorer(spec, EngineSettings(device=str(device), precision="fp32", tile=size // 2, overlap=8,
                                              batch_size=2))
-    image = DecodedImage("check", "PNG", [Page((noisy * 255).round().astype(np.uint8))], 8, "RGB")
-    pipelined = restorer.restore_image(image)[0].samples
-    restorer._submit = _plain_submit(restorer)  # type: ignore[method-assign]
-    plain = restorer.restore_image(image)[0].samples
+    image = (noisy * 255).round().astype(np.uint8)
+    pipelined = restore_array(image, spec, restorer=restorer)
+    restorer.runner.submit = _plain_submit(restorer.runner)  # type: ignore[method-assign]
+    plain = restore_array(image, spec, restorer=restorer)
     report["checks"]["pipelined_equals_plain_max_level_diff"] = int(np.abs(pipelined.astype(int) - plain).max())
     scores: dict[str, float] = {}
     modes = {"fp32": EngineSettings(device=str(device), precision="fp32"),
@@ -154,45 +154,44 @@ def checks(args: argparse.Namespace, device: torch.device, report: dict[str, Any
         engine = Restorer(spec, settings)
         values = []
         for clean, noisy in noisy_photos(size):
-            img = DecodedImage("p", "PNG", [Page((noisy * 255).round().astype(np.uint8))], 8, "RGB")
-            values.append(psnr(engine.restore_image(img)[0].samples.astype(np.float32) / 255, clean))
+            out = restore_array((noisy * 255).round().astype(np.uint8), spec, restorer=engine)
+            values.append(psnr(out.astype(np.float32) / 255, clean))
         scores[name] = float(np.mean(values))
     report["checks"]["psnr_change_db"] = {k: round(v - scores["fp32"], 4) for k, v in scores.items()}
 
 
-def _plain_submit(restorer: Any) -> Callable[[torch.Tensor], Any]:
+def _plain_submit(runner: Any) -> Callable[[torch.Tensor], Any]:
     """A submit that waits for each batch and copies it with a plain .cpu() (the reference)."""
-    from pipeline.engine import InFlight
+    from pipeline.device_runner import InFlight
 
     def submit(batch: torch.Tensor) -> InFlight:
-        out = restorer._model_output(batch).cpu()
+        out = runner._output(batch).cpu()
         return InFlight(out, torch.isfinite(out).all(), None)
 
     return submit
 
 
 def engine_section(args: argparse.Namespace, device: torch.device, report: dict[str, Any]) -> None:
-    from pipeline.codecs import DecodedImage, Page
-    from pipeline.engine import EngineSettings, ModelSpec, Restorer
+    import models
+    from pipeline.engine import EngineSettings, Restorer, restore_array
 
     side, tile = (128, 32) if args.quick else (2048, 256)
     batch = 2 if args.quick else 8
-    image = DecodedImage("bench", "PNG", [Page((np.random.default_rng(1).random((side, side, 3)) * 255)
-                                               .astype(np.uint8))], 8, "RGB")
+    image = (np.random.default_rng(1).random((side, side, 3)) * 255).astype(np.uint8)
     for arch, mode in (("mirnet", "bf16_compiled_channels_last"), ("mirnet_v2", "bf16_compiled_channels_last"),
                        ("mirnet", "bf16")):
         if args.quick and MODES[mode][2]:
             mode = "bf16"
         dtype, _, compiled = MODES[mode]
-        spec = ModelSpec(build(arch, args.quick, torch.device("cpu")), arch, "denoise")
+        spec = models.build(arch, QUICK_CONFIGS[arch] if args.quick else {}, task="denoise")
         restorer = Restorer(spec, EngineSettings(device=str(device), precision="bf16", tile=tile,
                                                  overlap=tile // 16, batch_size=batch, compile=compiled))
-        first, calls = rate(lambda: restorer.restore_image(image), device, args.min_seconds)
+        first, calls = rate(lambda: restore_array(image, spec, restorer=restorer), device, args.min_seconds)
         tiles = restorer.tiles_last_run
         model = next((r for r in report["model_only"] if r["arch"] == arch and r["mode"] == mode
                       and r["size"] == tile and r["batch"] == batch), None)
         row = {"arch": arch, "mode": mode, "image": side, "tile": tile, "batch": batch, "tiles": tiles,
-               "first_call_s": round(first, 2), "compile_s": round(restorer.compile_seconds, 2),
+               "first_call_s": round(first, 2), "compile_s": round(restorer.runner.compile_seconds, 2),
                "image_megapixels_per_s": round(calls * side * side / 1e6, 2),
                "tiles_per_s": round(calls * tiles, 2)}
         if model is not None:  # time per tile in the engine over model-only time per tile
@@ -201,7 +200,8 @@ def engine_section(args: argparse.Namespace, device: torch.device, report: dict[
 
 
 def pipeline_section(args: argparse.Namespace, report: dict[str, Any]) -> None:
-    from pipeline.engine import EngineSettings, Restorer, resolve_model
+    import models
+    from pipeline.engine import EngineSettings, Restorer
     from pipeline.graph import ClusterOptions
     from pipeline.plan import make_plan
     from pipeline.runner import execute
@@ -217,7 +217,7 @@ def pipeline_section(args: argparse.Namespace, report: dict[str, Any]) -> None:
         for executor in ("inline", "ray"):
             plan = make_plan(str(src), str(Path(tmp) / executor))
             spec = JobSpec(plan.source, plan.output, args.model, "denoise", None, settings)
-            restorer = Restorer(resolve_model(args.model, "denoise"), settings) if executor == "inline" else None
+            restorer = Restorer(models.resolve(args.model, "denoise"), settings) if executor == "inline" else None
             start = time.perf_counter()
             result = execute(plan, spec, executor=executor, cluster=ClusterOptions(), quiet=True, restorer=restorer)
             results[executor] = time.perf_counter() - start

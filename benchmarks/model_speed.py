@@ -91,10 +91,12 @@ def main() -> dict[str, Any]:
     args = parser.parse_args()
     if args.quick:
         args.sizes, args.batches, args.engine_size, args.repeats = [64], [1, 2], 128, 1
-    from pipeline.engine import EngineSettings, Restorer, cpu_supports_bf16, resolve_model
+    import models
+    from pipeline.device_runner import cpu_supports_bf16
+    from pipeline.engine import EngineSettings, Restorer, restore_array
 
     threads = torch.get_num_threads()
-    spec = resolve_model(args.model, None)
+    spec = models.resolve(args.model)
     modes = {k: v for k, v in MODES.items() if (args.compile or not v[2]) and (v[0] == torch.float32
                                                                                  or cpu_supports_bf16())}
     report: dict[str, Any] = {"model": args.model, "threads": threads, "cpu_bf16": cpu_supports_bf16(),
@@ -126,18 +128,17 @@ def main() -> dict[str, Any]:
     report["quality_change_db"] = {k: round(v - report["quality"]["fp32"], 4) for k, v in report["quality"].items()}
 
     # Engine: a larger image through tiling and blending, against model-only time for its pixels.
-    from pipeline.codecs import DecodedImage, Page
+    from pipeline.tiling import TileGrid
 
     side = args.engine_size
-    image = DecodedImage("bench", "PNG", [Page((np.random.default_rng(1).random((side, side, 3)) * 255)
-                                               .astype(np.uint8))], 8, "RGB")
-    from pipeline.tiling import TileGrid
+    image = (np.random.default_rng(1).random((side, side, 3)) * 255).astype(np.uint8)
 
     tile = args.sizes[-1]
     tiles = len(TileGrid(side, side, tile, tile // 16))
     for name in [m for m in ("fp32", "bf16") if m in modes]:
-        restorer = Restorer(spec, EngineSettings(precision=name, tile=tile, overlap=tile // 16))
-        took = seconds(lambda: restorer.restore_image(image), 1)
+        settings = EngineSettings(precision=name, tile=tile, overlap=tile // 16)
+        restorer = Restorer(spec, settings)
+        took = seconds(lambda: restore_array(image, spec, settings, restorer), 1)
         model_only = next(r for r in report["model_only"] if r["mode"] == name and r["size"] == tile
                           and r["batch"] == 1)
         # Overlapping tiles cover more pixels than the image has; the rest is tiling and blending.

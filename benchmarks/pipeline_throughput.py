@@ -66,8 +66,8 @@ def main() -> dict:
     model = args.model or models.default_for("denoise").name
     cpus = os.cpu_count() or 1
 
-    from pipeline.engine import EngineSettings, Restorer, resolve_model
-    from pipeline.graph import ClusterOptions, connect
+    from pipeline.engine import EngineSettings, Restorer
+    from pipeline.ray_runtime import connect
     from pipeline.plan import make_plan
     from pipeline.runner import execute
     from pipeline.stages import JobSpec
@@ -79,7 +79,7 @@ def main() -> dict:
         make_inputs(src, args.images, args.size)
 
         torch.set_num_threads(cpus)
-        restorer = Restorer(resolve_model(model, "denoise"), settings)
+        restorer = Restorer(models.resolve(model, "denoise"), settings)
         plan = make_plan(str(src), str(Path(tmp) / "loop"))
         spec = JobSpec(plan.source, plan.output, model, "denoise", None, settings)
         start = time.perf_counter()
@@ -87,7 +87,7 @@ def main() -> dict:
         loop_seconds = time.perf_counter() - start
 
         start = time.perf_counter()
-        connect(ClusterOptions())
+        connect()
         startup = time.perf_counter() - start
         plan = make_plan(str(src), str(Path(tmp) / "ray"))
         spec = JobSpec(plan.source, plan.output, model, "denoise", None, settings)

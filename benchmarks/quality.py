@@ -1,14 +1,18 @@
 """Quality and speed of the shipped models against classical baselines, on held-out photos.
 
 Validation photos (never used for training): scikit-image's chelsea, camera and coffee.
-Degradations are the training code's (pipeline.degrade.Degradation), so the grey photo
+Degradations are the training code's (pipeline.training.degrade.Degradation), so the grey photo
 (camera) is degraded as the one-channel image it would arrive as.
 - denoise: Gaussian noise at sigma 15 / 25 / 50 (seeded); the shipped model, CBM3D
   (PyPI `bm3d`; BM3D for the grey photo) and scikit-image's non-local means, against the
   noisy input. Timings are per image on this machine's CPU.
 - sr x2 / x4: bicubic down, then the model (whose input is the bicubic upsampling)
   against plain bicubic; PSNR/SSIM on RGB and Y with `scale` border pixels cropped.
-- enhance: synthetic low light (exposure 0.2, gamma 1.25, peak 300, read noise 2).
+- enhance: the clean photos darkened five ways (exposure x0.1, x0.25, x0.5; gamma 2.2; the
+  project's low light: exposure 0.2, gamma 1.25, peak 300, read noise 2), stored as 8-bit,
+  against three baselines: a percentile stretch (auto-levels), an automatic gamma curve and
+  CLAHE. Every method's colour cast is reported too: the mean over channels of the error of
+  each channel's mean, in 8-bit levels.
 
 Every shipped card (models/weights/) is measured; baselines run once per setting.
 Writes a Markdown table and JSON, and (with --update-cards) the measured figures into
@@ -29,26 +33,26 @@ import torch
 
 import models
 from models.cards import WEIGHTS_DIR
-from pipeline.data import skimage_photo
-from pipeline.degrade import Degradation, is_grey
-from pipeline.engine import ModelSpec, PageJob, Restorer, resize_bicubic
+from pipeline.training.data import skimage_photo
+from pipeline.training.degrade import Degradation, is_grey
+from pipeline.engine import Restorer, restore_array
+from pipeline.imaging import as_8bit, resize_bicubic
 from pipeline.metrics import score
 
 VALIDATION = ("chelsea", "camera", "coffee")
+LUMA = np.array([0.299, 0.587, 0.114], dtype=np.float32)  # BT.601 luma weights
 SIGMAS = (15, 25, 50)
 
 
-def quantise(img: np.ndarray) -> np.ndarray:
-    return np.rint(np.clip(img, 0, 1) * 255) / 255
+quantise = as_8bit  # what an 8-bit file of the image holds
 
 
 def restore_with(card: models.ModelCard) -> Callable[[np.ndarray], np.ndarray]:
-    restorer = Restorer(ModelSpec(card.load(), card.name, card.task, card.scale, card.size_multiple))
+    model = card.load()
+    restorer = Restorer(model)
 
     def run(img: np.ndarray) -> np.ndarray:
-        job = PageJob(lambda y, x, h, w: img[y:y + h, x:x + w].astype(np.float32), img.shape[0], img.shape[1], 3,
-                      1.0, np.dtype(np.float32))
-        return quantise(restorer.restore_arrays([job])[0])
+        return as_8bit(restore_array(img.astype(np.float32), model, restorer=restorer))
 
     return run
 
@@ -68,6 +72,30 @@ def nl_means(noisy: np.ndarray, sigma: float) -> np.ndarray:
     out = denoise_nl_means(noisy, h=0.8 * s, sigma=s, patch_size=5, patch_distance=6, fast_mode=True,
                            channel_axis=2)
     return quantise(out)
+
+
+def percentile_stretch(dark: np.ndarray) -> np.ndarray:
+    """Auto-levels: the 1st..99th luma percentiles stretched to black..white (one gain for all channels)."""
+    lo, hi = np.percentile(dark @ LUMA, (1, 99))
+    return quantise((dark - lo) / max(hi - lo, 1e-6))
+
+
+def auto_gamma(dark: np.ndarray) -> np.ndarray:
+    """The gamma curve that brings the mean luma to 0.5."""
+    mean = float(np.clip((dark @ LUMA).mean(), 1e-3, 0.999))
+    return quantise(np.power(dark, np.log(0.5) / np.log(mean)))
+
+
+def clahe(dark: np.ndarray) -> np.ndarray:
+    """scikit-image's contrast-limited adaptive histogram equalisation (on HSV value for colour)."""
+    from skimage.exposure import equalize_adapthist
+
+    return quantise(equalize_adapthist(dark, clip_limit=0.01).astype(np.float32))
+
+
+def colour_cast(out: np.ndarray, clean: np.ndarray) -> float:
+    """Mean over channels of the error of each channel's mean, in 8-bit levels (a tint or a global shift)."""
+    return float(np.abs(out.reshape(-1, 3).mean(0) - clean.reshape(-1, 3).mean(0)).mean() * 255)
 
 
 def timed(fn: Callable[[], np.ndarray]) -> tuple[np.ndarray, float]:
@@ -90,7 +118,8 @@ def measure(methods: dict[str, Method], pairs: list[tuple[str, np.ndarray, np.nd
     for name, clean, degraded in pairs:
         for label, method in methods.items():
             out, seconds = timed(lambda: method(degraded, clean))
-            rows[label].append({"image": name, **score(out, clean, crop).as_dict(), "seconds": seconds})
+            rows[label].append({"image": name, **score(out, clean, crop).as_dict(), "cast": colour_cast(out, clean),
+                                "seconds": seconds})
     return {label: mean_scores(r) for label, r in rows.items()}
 
 
@@ -132,11 +161,26 @@ def evaluate_sr(cards: list[models.ModelCard]) -> dict[str, Section]:
     return results
 
 
+DARKENINGS: dict[str, Callable[[np.ndarray, np.random.Generator], np.ndarray]] = {
+    "exposure x0.1": lambda clean, rng: clean * 0.1,
+    "exposure x0.25": lambda clean, rng: clean * 0.25,
+    "exposure x0.5": lambda clean, rng: clean * 0.5,
+    "gamma 2.2": lambda clean, rng: clean ** 2.2,
+    "low_light": Degradation("low_light", exposure=(0.2, 0.2), gamma=(1.25, 1.25), peak=(300, 300), sigma=(2, 2)),
+}
+
+
 def evaluate_enhance(cards: list[models.ModelCard]) -> dict[str, Section]:
-    dark = Degradation("low_light", exposure=(0.2, 0.2), gamma=(1.25, 1.25), peak=(300, 300), sigma=(2, 2))
-    pairs = [(name, clean, quantise(dark(clean, np.random.default_rng(200 + i))))
-             for i, (name, clean) in enumerate(clean_photos())]
-    return {"enhance low_light": measure({**model_methods(cards), "input": lambda dark, clean: dark}, pairs)}
+    """Each darkening of the clean photos, stored as 8-bit files, against auto-levels, gamma and CLAHE."""
+    baselines: dict[str, Method] = {"percentile stretch": lambda dark, clean: percentile_stretch(dark),
+                                    "gamma": lambda dark, clean: auto_gamma(dark),
+                                    "clahe": lambda dark, clean: clahe(dark), "input": lambda dark, clean: dark}
+    results = {}
+    for label, darken in DARKENINGS.items():
+        pairs = [(name, clean, quantise(darken(clean, np.random.default_rng(200 + i))))
+                 for i, (name, clean) in enumerate(clean_photos())]
+        results[f"enhance {label}"] = measure({**model_methods(cards), **baselines}, pairs)
+    return results
 
 
 EVALUATORS: dict[str, Callable[[list[models.ModelCard]], dict[str, Section]]] = {
@@ -147,10 +191,11 @@ def markdown(results: dict[str, Section]) -> str:
     lines = []
     for section, methods in results.items():
         lines.append(f"\n**{section}** (mean of {', '.join(VALIDATION)})\n")
-        lines.append("| method | PSNR (dB) | SSIM | PSNR-Y (dB) | seconds / image |")
-        lines.append("|---|---:|---:|---:|---:|")
+        lines.append("| method | PSNR (dB) | SSIM | PSNR-Y (dB) | colour cast (levels) | seconds / image |")
+        lines.append("|---|---:|---:|---:|---:|---:|")
         for label, m in methods.items():
-            lines.append(f"| {label} | {m['psnr']:.2f} | {m['ssim']:.4f} | {m['psnr_y']:.2f} | {m['seconds']:.2f} |")
+            lines.append(f"| {label} | {m['psnr']:.2f} | {m['ssim']:.4f} | {m['psnr_y']:.2f} | {m['cast']:.2f} "
+                         f"| {m['seconds']:.2f} |")
     return "\n".join(lines) + "\n"
 
 

@@ -22,8 +22,9 @@ import torch
 
 import models
 from benchmarks.quality import SIGMAS, VALIDATION, Section, clean_photos, measure, model_methods, quantise
-from pipeline.degrade import Degradation
-from pipeline.train import load_config, run_training
+from pipeline.training.config import load_config
+from pipeline.training.degrade import Degradation
+from pipeline.training.launch import run_training
 
 CONFIGS = {"photos": Path("jobs/experiments/denoise-small.yaml"),
            "photos + synthetic": Path("jobs/experiments/denoise-synthetic.yaml")}
@@ -40,7 +41,7 @@ def train(label: str, config: Path, steps: int, runs: Path) -> tuple[models.Mode
     seconds = time.perf_counter() - started
     folder = Path(result["run"])
     card = models.ModelCard.from_json(json.loads((folder / "card.json").read_text()), source_dir=str(folder))
-    return card, {"config": str(config), "train_clean": cfg["data"]["train"]["clean"], "steps": steps,
+    return card, {"config": str(config), "train_clean": cfg.data.train.clean, "steps": steps,
                   "train_seconds": round(seconds, 1), "final_val_psnr": result["history"][-1].get("val_psnr")}
 
 

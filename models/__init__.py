@@ -1,4 +1,5 @@
-"""MIRNet and MIRNet-v2 architectures, checkpoint I/O and the model-card registry.
+"""MIRNet and MIRNet-v2 architectures, checkpoint I/O, the model-card registry and the loaded-model
+descriptor (:class:`LoadedModel`).
 
 Names are imported on first use, so that ``import models`` (and the ``mirnet`` CLI's
 start-up) does not pay for importing torch.
@@ -8,20 +9,24 @@ from __future__ import annotations
 import importlib
 from typing import TYPE_CHECKING, Any
 
+from .errors import UsageError
 from .tasks import TASKS, Task
 
 _HOMES = {
-    "ARCHITECTURES": "archs", "build": "archs", "canonical_arch": "archs", "infer_arch_config": "archs",
+    "ARCHITECTURES": "archs", "architecture": "archs", "canonical_arch": "archs", "infer_arch_config": "archs",
     "ModelCard": "cards", "NoWeightsError": "cards", "default_for": "cards", "get": "cards",
     "list_cards": "cards", "lookup": "cards", "register": "cards", "shipped_cards": "cards",
-    "CheckpointError": "checkpoints", "load": "checkpoints", "read_checkpoint": "checkpoints", "save": "checkpoints",
+    "CheckpointError": "checkpoints", "read_checkpoint": "checkpoints", "save": "checkpoints",
+    "LoadedModel": "loaded", "ModelRef": "loaded", "ModelRequestError": "loaded", "build": "loaded",
+    "load": "loaded", "pad_to": "loaded", "resolve": "loaded",
     "MIRNet": "mirnet", "MIRNetV2": "mirnet_v2",
 }
 
 if TYPE_CHECKING:
-    from .archs import ARCHITECTURES, build, canonical_arch, infer_arch_config
+    from .archs import ARCHITECTURES, architecture, canonical_arch, infer_arch_config
     from .cards import ModelCard, NoWeightsError, default_for, get, list_cards, lookup, register, shipped_cards
-    from .checkpoints import CheckpointError, load, read_checkpoint, save
+    from .checkpoints import CheckpointError, read_checkpoint, save
+    from .loaded import LoadedModel, ModelRef, ModelRequestError, build, load, pad_to, resolve
     from .mirnet import MIRNet
     from .mirnet_v2 import MIRNetV2
 
@@ -34,4 +39,4 @@ def __getattr__(name: str) -> Any:
     return value
 
 
-__all__ = ["TASKS", "Task", *_HOMES]
+__all__ = ["TASKS", "Task", "UsageError", *_HOMES]

@@ -14,17 +14,28 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from torch import nn
+from typing import TYPE_CHECKING
 
-from .archs import build, canonical_arch
-from .checkpoints import CheckpointError, ckpt_info, load_weights, read_checkpoint
+from .archs import ARCHITECTURES, canonical_arch
+from .errors import UsageError
 from .tasks import TASKS, Task
+
+if TYPE_CHECKING:
+    from .loaded import LoadedModel
 
 WEIGHTS_DIR = Path(__file__).parent / "weights"
 OFFICIAL_CARDS = Path(__file__).parent / "official_cards.json"
 
 
-class NoWeightsError(LookupError):
+class CardError(UsageError, ValueError):
+    """A card's fields are not valid, or its name is taken."""
+
+
+class UnknownModelError(UsageError, KeyError):
+    """No card is registered under the name."""
+
+
+class NoWeightsError(UsageError, LookupError):
     """A card or task has no trained weights available."""
 
 
@@ -46,7 +57,6 @@ class ModelCard:
     config: dict[str, Any]
     task: Task
     scale: int = 1
-    size_multiple: int = 4
     bf16_safe: bool = True
     fp16_safe: bool = False
     weights: str | None = None  # file name in models/weights, a path, or an fsspec URL
@@ -68,11 +78,11 @@ class ModelCard:
     def __post_init__(self) -> None:
         object.__setattr__(self, "arch", canonical_arch(self.arch))
         if self.task not in TASKS:
-            raise ValueError(f"card {self.name!r}: task must be one of {TASKS}, got {self.task!r}")
+            raise CardError(f"card {self.name!r}: task must be one of {TASKS}, got {self.task!r}")
         if self.scale not in (1, 2, 3, 4):
-            raise ValueError(f"card {self.name!r}: scale must be 1, 2, 3 or 4, got {self.scale}")
+            raise CardError(f"card {self.name!r}: scale must be 1, 2, 3 or 4, got {self.scale}")
         if (self.task == "sr") != (self.scale > 1):
-            raise ValueError(f"card {self.name!r}: only sr cards have a scale above 1")
+            raise CardError(f"card {self.name!r}: only sr cards have a scale above 1")
 
     @property
     def weights_uri(self) -> str | None:
@@ -91,9 +101,13 @@ class ModelCard:
         uri = self.weights_uri
         return uri is not None and ("://" in uri or Path(uri).is_file())
 
-    def build(self) -> nn.Module:
+    def build(self) -> "LoadedModel":
         """The architecture with random weights (for training)."""
-        return build(self.arch, **self.config)
+        from .loaded import build
+
+        model = build(self.arch, self.config, task=self.task)
+        model.name, model.scale = self.name, self.scale
+        return model
 
     def weight_bytes(self) -> bytes | None:
         """An official card's checkpoint bytes, pulled and verified (None for other cards)."""
@@ -103,24 +117,11 @@ class ModelCard:
 
         return verified_bytes(self)
 
-    def load(self, data: bytes | None = None) -> nn.Module:
-        """The model with its weights, after checking their sha256.
+    def load(self, data: bytes | None = None) -> "LoadedModel":
+        """The model with its weights, after checking their sha256 (see LoadedModel.from_card)."""
+        from .loaded import LoadedModel
 
-        ``data``: the checkpoint's bytes, already read (a replica gets them from the
-        driver); an official card's are otherwise pulled on first use.
-        """
-        if data is None and self.source is not None:
-            data = self.weight_bytes()
-        if data is None and not self.has_weights:
-            raise NoWeightsError(f"model {self.name!r} ({self.task}) has no trained weights available")
-        uri = self.weights_uri or self.name
-        ckpt = read_checkpoint(uri, data=data)
-        if self.sha256 and ckpt.sha256 != self.sha256:
-            raise CheckpointError(uri, f"sha256 {ckpt.sha256} does not match card {self.name!r} ({self.sha256})")
-        model = self.build()
-        load_weights(model, ckpt.state_dict, uri, self.arch, self.config)
-        model.checkpoint = {**ckpt_info(ckpt, self.arch, self.config), "card": self.name}
-        return model.eval()
+        return LoadedModel.from_card(self, data)
 
     def to_json(self) -> dict[str, Any]:
         data = dataclasses.asdict(self)
@@ -130,19 +131,22 @@ class ModelCard:
     @classmethod
     def from_json(cls, data: dict[str, Any], source_dir: str | None = None) -> "ModelCard":
         known = {f.name for f in dataclasses.fields(cls)}
+        data = {k: v for k, v in data.items() if k not in LEGACY_FIELDS}
         unknown = set(data) - known
         if unknown:
-            raise ValueError(f"card {data.get('name')!r}: unknown field(s) {sorted(unknown)}")
+            raise CardError(f"card {data.get('name')!r}: unknown field(s) {sorted(unknown)}")
         source = OfficialSource(**data["source"]) if data.get("source") else None
         return cls(**{**data, "source_dir": source_dir, "source": source})
 
 
+# Fields older card files carry that are now facts of the architecture (models/mirnet*.py).
+LEGACY_FIELDS = ("size_multiple",)
 _REGISTRY: dict[str, ModelCard] = {}
 
 
 def register(card: ModelCard, *, replace: bool = False) -> ModelCard:
     if card.name in _REGISTRY and not replace:
-        raise ValueError(f"a model card named {card.name!r} is already registered")
+        raise CardError(f"a model card named {card.name!r} is already registered")
     _REGISTRY[card.name] = card
     return card
 
@@ -151,7 +155,7 @@ def get(name: str) -> ModelCard:
     try:
         return _REGISTRY[name]
     except KeyError:
-        raise KeyError(f"no model card named {name!r}; known: {', '.join(sorted(_REGISTRY))}") from None
+        raise UnknownModelError(f"no model card named {name!r}; known: {', '.join(sorted(_REGISTRY))}") from None
 
 
 def lookup(name: str | None) -> ModelCard | None:
@@ -191,16 +195,11 @@ def load_card_dir(folder: str | Path, *, replace: bool = True) -> list[ModelCard
 
 
 def _register_builtins() -> None:
-    # Architectures at the papers' configurations (no shipped weights): for training and
-    # for users' own official checkpoints.
-    register(ModelCard("mirnet-paper", "mirnet", {}, "denoise", size_multiple=4,
-                       summary="MIRNet at the paper's configuration (31.8M parameters)."))
-    register(ModelCard("mirnet-v2-paper", "mirnet_v2", {}, "denoise", size_multiple=4,
-                       summary="MIRNet-v2 at the paper's configuration (5.9M parameters)."))
-    register(ModelCard("mirnet-tiny", "mirnet", {"n_feat": 8, "n_RRG": 1, "n_MSRB": 1, "height": 2, "width": 2},
-                       "denoise", size_multiple=2, summary="Smallest MIRNet configuration, for tests."))
-    register(ModelCard("mirnet-v2-tiny", "mirnet_v2", {"n_feat": 4, "n_RRG": 1, "n_MRB": 1}, "denoise",
-                       summary="Smallest MIRNet-v2 configuration (3.4k parameters), for memory and speed tests."))
+    # Each architecture's named variants (no shipped weights): for training and for users'
+    # own official checkpoints.
+    for arch in ARCHITECTURES.values():
+        for name, variant in arch.variants.items():
+            register(ModelCard(name, arch.name, variant.config, variant.task, summary=variant.summary))
     # The authors' published checkpoints, pulled on first use (models/official.py)
     for data in json.loads(OFFICIAL_CARDS.read_text()):
         register(ModelCard.from_json(data), replace=True)

@@ -21,7 +21,7 @@ import pickle
 import struct
 from collections import defaultdict
 from dataclasses import dataclass, field
-from typing import Any, Mapping
+from typing import TYPE_CHECKING, Any, Mapping
 
 import fsspec
 import torch
@@ -29,7 +29,11 @@ from safetensors.torch import load as safetensors_load
 from safetensors.torch import save as safetensors_save
 from torch import nn
 
-from .archs import build, canonical_arch, infer_arch_config
+from .archs import canonical_arch, infer_arch_config
+from .errors import UsageError
+
+if TYPE_CHECKING:
+    from .loaded import LoadedModel
 
 FORMAT_NAME = "mirnet-restore"
 FORMAT_VERSION = "1"
@@ -40,13 +44,16 @@ FORMAT_VERSION = "1"
 MAX_ABS_WEIGHT = 1e6
 
 
-class CheckpointError(ValueError):
+class CheckpointError(UsageError, ValueError):
     """A checkpoint could not be read or does not fit the requested model."""
 
     def __init__(self, path: str, reason: str) -> None:
         super().__init__(f"{path}: {reason}")
         self.path = path
         self.reason = reason
+
+    def __reduce__(self) -> tuple:  # picklable across Ray workers
+        return type(self), (self.path, self.reason)
 
 
 @dataclass
@@ -225,47 +232,6 @@ def load_weights(model: nn.Module, tensors: Mapping[str, torch.Tensor], path: st
     model.load_state_dict(filled, strict=True)
 
 
-def load(path_or_url: str, arch: str | None = None, *, storage_options: Mapping[str, Any] | None = None,
-         data: bytes | None = None, **config: Any) -> nn.Module:
-    """Load a checkpoint into a freshly built model, strictly, in eval mode on the CPU.
-
-    For the project's own files nothing else is needed. For official files pass
-    ``arch`` and the official constructor keywords (an official YAML's ``network_g``
-    block may be passed verbatim); without them the architecture is inferred from
-    the weights' keys and shapes. ``data``: the file's bytes, already read (then
-    ``path_or_url`` only names it).
-    """
-    ckpt = read_checkpoint(path_or_url, storage_options, data=data)
-    arch_name = arch or config.get("type") or ckpt.arch
-    config = dict(config) or dict(ckpt.config)
-    if arch_name is None or not config:
-        guess = infer_arch_config(ckpt.state_dict)
-        if guess is None and arch_name is None:
-            raise CheckpointError(path_or_url, "cannot tell the architecture from the weights; pass arch= and "
-                                               "the constructor keywords")
-        if guess is not None:
-            arch_name = arch_name or guess[0]
-            if not config and canonical_arch(arch_name) == guess[0]:
-                config = guess[1]
-    try:
-        arch_name = canonical_arch(arch_name)
-    except ValueError as exc:
-        raise CheckpointError(path_or_url, str(exc)) from exc
-    try:
-        model = build(arch_name, **config)
-    except (TypeError, ValueError) as exc:
-        raise CheckpointError(path_or_url, f"invalid model config: {exc}") from exc
-    load_weights(model, ckpt.state_dict, path_or_url, arch_name, config)
-    model.checkpoint = ckpt_info(ckpt, arch_name, config)
-    return model.eval()
-
-
-def ckpt_info(ckpt: Checkpoint, arch: str, config: Mapping[str, Any]) -> dict[str, Any]:
-    """What the loaded model remembers of its file (arch, config, task, metadata, sha256)."""
-    return {"arch": arch, "config": dict(config), "source_format": ckpt.source_format, **ckpt.metadata,
-            "sha256": ckpt.sha256}
-
-
 def unique_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
     """The state_dict with each shared tensor stored once, contiguous and on the CPU."""
     seen: set[int] = set()
@@ -278,25 +244,23 @@ def unique_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
     return out
 
 
-def to_bytes(model: nn.Module, arch: str | None = None, config: Mapping[str, Any] | None = None,
-             **metadata: Any) -> bytes:
-    """Serialise ``model`` in the project's format (see :func:`save`)."""
-    previous = getattr(model, "checkpoint", {}) or {}
-    arch = canonical_arch(arch or previous.get("arch") or getattr(model, "arch"))
-    config = dict(config if config is not None else previous.get("config", {}))
+def to_bytes(module: nn.Module, arch: str, config: Mapping[str, Any], **metadata: Any) -> bytes:
+    """Serialise ``module`` (architecture ``arch`` built with ``config``) in the project's format:
+    a safetensors file whose header holds arch, config and ``metadata`` (task, scale, recipe, ...)
+    as JSON; each tensor shared under several names is stored once."""
+    arch = canonical_arch(arch)
     header = {"format": FORMAT_NAME, "version": FORMAT_VERSION, "arch": arch,
               "config": json.dumps(config, sort_keys=True), "metadata": json.dumps(metadata, sort_keys=True, default=str)}
-    return safetensors_save(unique_state_dict(model), metadata=header)
+    return safetensors_save(unique_state_dict(module), metadata=header)
 
 
-def save(model: nn.Module, path: str, *, arch: str | None = None, config: Mapping[str, Any] | None = None,
-         storage_options: Mapping[str, Any] | None = None, **metadata: Any) -> str:
+def save(model: LoadedModel, path: str, *, storage_options: Mapping[str, Any] | None = None,
+         **metadata: Any) -> str:
     """Write ``model`` in the project's format and return the file's sha256.
 
-    ``arch`` and ``config`` default to what the model was loaded or built with;
     ``metadata`` (task, scale, training recipe, metrics, ...) must be JSON-serialisable.
     """
-    data = to_bytes(model, arch, config, **metadata)
+    data = to_bytes(model.module, model.arch, model.config, **metadata)
     with fsspec.open(path, "wb", **(storage_options or {})) as f:
         f.write(data)
     return sha256_hex(data)

@@ -13,10 +13,13 @@ and one PReLU module is shared by every dual attention unit of the network.
 """
 from __future__ import annotations
 
+from typing import Any, Mapping
+
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .architecture import Architecture, Variant, count_indices
 from .blocks import SKFF, ResidualGroup, ScaleChain, check_input_size, conv
 
 
@@ -184,3 +187,31 @@ class MIRNet(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         check_input_size(x, self.size_multiple, "MIRNet")
         return x + self.conv_out(self.body(self.conv_in(x)))
+
+
+def infer_config(state_dict: Mapping[str, torch.Tensor]) -> dict[str, Any] | None:
+    """MIRNet's constructor keywords from a state_dict's keys and shapes, or None if it is not MIRNet's."""
+    keys = list(state_dict)
+    if "conv_in.weight" not in state_dict or "conv_out.weight" not in state_dict or not any(".blocks." in k for k in keys):
+        return None
+    w_in, w_out = state_dict["conv_in.weight"], state_dict["conv_out.weight"]
+    return {
+        "in_channels": int(w_in.shape[1]), "out_channels": int(w_out.shape[0]), "n_feat": int(w_in.shape[0]),
+        "bias": "conv_in.bias" in state_dict, "kernel_size": int(w_in.shape[-1]),
+        "n_RRG": count_indices(keys, r"body\.(\d+)\."),
+        "n_MSRB": count_indices(keys, r"body\.0\.body\.(\d+)\.blocks\."),
+        "height": count_indices(keys, r"body\.0\.body\.0\.blocks\.(\d+)\."),
+        "width": count_indices(keys, r"body\.0\.body\.0\.blocks\.0\.(\d+)\."),
+    }
+
+
+ARCHITECTURE = Architecture(
+    "mirnet", MIRNet, aliases=("mirnet", "mirnetv1"),
+    size_multiple=lambda config: 2 ** (int(config["height"]) - 1),
+    input_channels=lambda config: int(config["in_channels"]),
+    infer_config=infer_config,
+    variants={
+        "mirnet-paper": Variant({}, "MIRNet at the paper's configuration (31.8M parameters)."),
+        "mirnet-tiny": Variant({"n_feat": 8, "n_RRG": 1, "n_MSRB": 1, "height": 2, "width": 2},
+                               "Smallest MIRNet configuration, for tests."),
+    })

@@ -8,9 +8,12 @@ residual groups use grouped convolutions with 1, 2, 4, 4 groups.
 """
 from __future__ import annotations
 
+from typing import Any, Mapping
+
 import torch
 from torch import nn
 
+from .architecture import Architecture, Variant, count_indices
 from .blocks import SKFF, ResidualGroup, ScaleChain, check_input_size
 
 GROUPS_PER_RRG = (1, 2, 4, 4)
@@ -143,3 +146,34 @@ class MIRNetV2(nn.Module):
         if self.task == "defocus_deblurring":
             return self.conv_out(deep + shallow)
         return x + self.conv_out(deep)
+
+
+def infer_config(state_dict: Mapping[str, torch.Tensor]) -> dict[str, Any] | None:
+    """MIRNet-v2's constructor keywords from a state_dict's keys and shapes, or None if it is not v2's."""
+    mid = "body.0.body.0.dau_mid.body.0.weight"
+    if "conv_in.weight" not in state_dict or "conv_out.weight" not in state_dict or mid not in state_dict:
+        return None
+    keys = list(state_dict)
+    w_in, w_out = state_dict["conv_in.weight"], state_dict["conv_out.weight"]
+    n_feat = int(w_in.shape[0])
+    config = {
+        "inp_channels": int(w_in.shape[1]), "out_channels": int(w_out.shape[0]), "n_feat": n_feat,
+        "bias": "conv_in.bias" in state_dict, "chan_factor": float(state_dict[mid].shape[0]) / n_feat,
+        "n_RRG": count_indices(keys, r"body\.(\d+)\."),
+        "n_MRB": count_indices(keys, r"body\.0\.body\.(\d+)\.dau_top\."),
+    }
+    if config["inp_channels"] != config["out_channels"]:
+        config["task"] = "defocus_deblurring"
+    return config
+
+
+ARCHITECTURE = Architecture(
+    "mirnet_v2", MIRNetV2, aliases=("mirnet_v2", "mirnetv2"),
+    size_multiple=lambda config: MIRNetV2.size_multiple,
+    input_channels=lambda config: int(config["inp_channels"]),
+    infer_config=infer_config,
+    variants={
+        "mirnet-v2-paper": Variant({}, "MIRNet-v2 at the paper's configuration (5.9M parameters)."),
+        "mirnet-v2-tiny": Variant({"n_feat": 4, "n_RRG": 1, "n_MRB": 1},
+                                  "Smallest MIRNet-v2 configuration (3.4k parameters), for memory and speed tests."),
+    })

@@ -24,6 +24,7 @@ from typing import Callable
 import fsspec
 
 from .cards import ModelCard
+from .archs import build_module
 from .checkpoints import CheckpointError, load_weights, read_checkpoint
 
 CACHE_ENV = "MIRNET_CACHE"  # cache folder (default: $XDG_CACHE_HOME/mirnet or ~/.cache/mirnet)
@@ -161,7 +162,7 @@ def pull(card: ModelCard, origin: str | None = None, sha256: str | None = None, 
         if expected and actual != expected.lower():
             raise PullError(card.name, f"the download's sha256 {actual} does not match the expected {expected}")
         ckpt = read_checkpoint(str(partial), data=data)
-        load_weights(card.build(), ckpt.state_dict, str(partial), card.arch, card.config)
+        load_weights(build_module(card.arch, card.config), ckpt.state_dict, str(partial), card.arch, card.config)
         os.replace(partial, final)  # same folder: the cache never holds a partial file
         pin = Path(scratch) / "sha256"
         pin.write_text(actual + "\n")

@@ -9,27 +9,26 @@ import dataclasses
 import json
 import logging
 import sys
+import traceback
 from typing import TYPE_CHECKING, Any, Callable, NoReturn
 
 import click
 
+from models.errors import UsageError
 from models.tasks import TASKS
 
 from .formats import FORMAT_BY_NAME
 
 if TYPE_CHECKING:  # the heavy modules load inside the commands
     from .codecs import FormatOptions
-    from .engine import ModelSpec
+    from models import LoadedModel
     from .graph import ClusterOptions
     from .plan import Plan
     from .stages import JobSpec
 
-EXIT_USAGE, EXIT_STORAGE, EXIT_BUSY = 2, 4, 5
-
-
-def usage_errors() -> tuple[type[BaseException], ...]:
-    """Exceptions that mean 'the request cannot work' while a job is prepared (exit 2), not 'an image failed'."""
-    return (*project_usage_errors(), ValueError, KeyError, FileNotFoundError, PermissionError, NotADirectoryError)
+EXIT_USAGE, EXIT_BUG, EXIT_STORAGE, EXIT_BUSY = 2, 3, 4, 5
+# the user's own filesystem refusing a path they gave: a usage error, like the project's refusals
+PATH_ERRORS = (FileNotFoundError, PermissionError, NotADirectoryError, IsADirectoryError)
 
 
 def is_storage_error(exc: BaseException) -> bool:
@@ -54,6 +53,46 @@ def _fail_usage(error: BaseException | str) -> NoReturn:
     _fail(error, EXIT_USAGE)
 
 
+def exit_status(exc: BaseException) -> int:
+    """The exit status of a command that raised ``exc``: 5 busy, 4 storage unreachable, 2 usage, 3 a bug."""
+    from .lease import DestinationBusy, LeaseLost
+
+    if isinstance(exc, (DestinationBusy, LeaseLost)):
+        return EXIT_BUSY
+    if is_storage_error(exc):  # before usage: StorageError is a UsageError too
+        return EXIT_STORAGE
+    return EXIT_USAGE if isinstance(exc, (UsageError, *PATH_ERRORS)) else EXIT_BUG
+
+
+class Main(click.Group):
+    """The ``mirnet`` group: the one place where a command's exception becomes an exit status.
+
+    click's own errors and ``sys.exit`` pass through; anything that is neither a refusal
+    (:class:`models.errors.UsageError`, a path the filesystem refuses), storage nor a busy
+    destination is a bug: exit 3 with one line, and with ``mirnet -v`` the traceback.
+    """
+
+    def invoke(self, ctx: click.Context) -> Any:
+        try:
+            return super().invoke(ctx)
+        except (click.ClickException, click.exceptions.Exit, click.Abort):
+            raise
+        except Exception as exc:
+            ray_errors = sys.modules.get("ray.exceptions")  # a refusal raised inside a Ray task counts as one
+            cause = exc.cause if ray_errors and isinstance(exc, ray_errors.RayTaskError) and isinstance(
+                exc.cause, Exception) else exc
+            code = exit_status(cause)
+            if code != EXIT_BUG:
+                _fail(cause, code)
+            from .redact import redact
+
+            verbose = bool(ctx.params.get("verbose"))
+            if verbose:
+                click.echo(redact("".join(traceback.format_exception(exc))).rstrip(), err=True)
+            hint = "the traceback is above" if verbose else "run with -v for the traceback"
+            _fail(f"{type(exc).__name__}: {exc} (a bug: {hint})", EXIT_BUG, prefix="internal error")
+
+
 def _json_option(value: str | None, what: str) -> dict[str, Any]:
     if not value:
         return {}
@@ -66,8 +105,8 @@ def _json_option(value: str | None, what: str) -> dict[str, Any]:
     return parsed
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"]})
-@click.option("-v", "--verbose", is_flag=True, help="Log progress details.")
+@click.group(cls=Main, context_settings={"help_option_names": ["-h", "--help"]})
+@click.option("-v", "--verbose", is_flag=True, help="Log progress details (and a bug's traceback).")
 def main(verbose: bool) -> None:
     """Restore images with MIRNet / MIRNet-v2, from a laptop to a Ray cluster."""
     from .redact import install
@@ -140,8 +179,8 @@ def restore(src: str, dst: str, task: str | None, model: str | None, scale: str 
             make_report: bool, bands: str | None, scale_range: str | None, stac: bool, slice_axis: int) -> None:
     """Restore SRC (a file, folder or prefix; local or fsspec URL) into DST.
 
-    Exit status: 0 all images restored, 1 some failed, 2 usage error, 4 storage unreachable,
-    5 DST busy (another run holds its lease).
+    Exit status: 0 all images restored, 1 some failed, 2 usage error, 3 internal error (a bug),
+    4 storage unreachable, 5 DST busy (another run holds its lease).
     """
     options = _json_option(storage_options, "--storage-options")
     fmt = FORMAT_BY_NAME.get(out_format or "")
@@ -161,13 +200,10 @@ def restore(src: str, dst: str, task: str | None, model: str | None, scale: str 
     settings = EngineSettings(tile=tile, overlap=overlap, batch_size=batch_size, precision=precision,  # type: ignore[arg-type]
                               device=device, scale=scale_n, compile=compile_model, tta=tta)
     say(f"listing {src} ...")
-    try:
-        plan, spec, resolved = prepare_job(src, dst, model=model, task=task, scale=scale_n, settings=settings,
-                                           out_format=fmt, storage_options=options, include=include,
-                                           exclude=exclude, keys_from=keys_from, overwrite=overwrite,
-                                           allow_empty=allow_empty, max_pixels=max_pixels, dry_run=dry_run)
-    except Exception as exc:
-        _fail_known(exc)
+    plan, spec, resolved = prepare_job(src, dst, model=model, task=task, scale=scale_n, settings=settings,
+                                       out_format=fmt, storage_options=options, include=include,
+                                       exclude=exclude, keys_from=keys_from, overwrite=overwrite,
+                                       allow_empty=allow_empty, max_pixels=max_pixels, dry_run=dry_run)
     spec = dataclasses.replace(spec, formats=formats)
     try:
         _run_planned(plan, spec, resolved, executor=executor, address=address, dry_run=dry_run, fail_fast=fail_fast,
@@ -175,8 +211,6 @@ def restore(src: str, dst: str, task: str | None, model: str | None, scale: str 
                          address=address, num_gpus=num_gpus, replicas=replicas, cpus_per_replica=cpus_per_replica,
                          images_per_batch=images_per_batch, num_cpus=num_cpus,
                          runtime_env=_json_option(runtime_env, "--runtime-env") or None, quiet=quiet))
-    except Exception as exc:
-        _fail_known(exc, usage=project_usage_errors())
     finally:
         plan.release()
 
@@ -197,30 +231,7 @@ def _format_options(bands: str | None, scale_range: str | None, stac: bool, slic
     return FormatOptions(band_list, limits, stac, slice_axis)  # type: ignore[arg-type]
 
 
-def project_usage_errors() -> tuple[type[BaseException], ...]:
-    """The project's own 'cannot work as asked' errors: once images flow, anything else is a bug."""
-    import models
-
-    from .engine import EngineError
-    from .plan import PlanError
-
-    return EngineError, PlanError, models.NoWeightsError, models.CheckpointError
-
-
-def _fail_known(exc: Exception, usage: tuple[type[BaseException], ...] | None = None) -> NoReturn:
-    """Exit with the code of a known failure (busy, storage, usage); re-raise anything else."""
-    from .lease import DestinationBusy, LeaseLost
-
-    if isinstance(exc, (DestinationBusy, LeaseLost)):
-        _fail(exc, EXIT_BUSY)
-    if is_storage_error(exc):
-        _fail(exc, EXIT_STORAGE)
-    if isinstance(exc, usage or usage_errors()):
-        _fail_usage(exc)
-    raise exc
-
-
-def _run_planned(plan: Plan, spec: JobSpec, resolved: ModelSpec, *, executor: str, address: str | None,
+def _run_planned(plan: Plan, spec: JobSpec, resolved: LoadedModel, *, executor: str, address: str | None,
                  dry_run: bool, fail_fast: bool, quiet: bool, say: Callable[[str], None],
                  cluster: ClusterOptions, make_report: bool = False) -> None:
     """The second half of ``restore``: print a dry run's plan, or execute it and exit with its status."""
@@ -295,14 +306,11 @@ def report(ctx: click.Context, dst: str, src: str | None, sample: int, out: str 
             _fail_usage(f"--train reports a training run folder; {', '.join(extra)} belong to restore runs")
     elif src is None:
         raise click.UsageError("Missing option '--src' (or --train for a training run folder).", ctx)
-    try:
-        if training:
-            where = write_training_report(Storage(dst, options), out=out, options=options)
-        else:
-            where = write_report(Storage(dst, options), Storage(src, options), out=out, options=options,
-                                 run_id=run_id, sample=sample, truth=Storage(truth, options) if truth else None)
-    except Exception as exc:
-        _fail_known(exc)
+    if training:
+        where = write_training_report(Storage(dst, options), out=out, options=options)
+    else:
+        where = write_report(Storage(dst, options), Storage(src, options), out=out, options=options,
+                             run_id=run_id, sample=sample, truth=Storage(truth, options) if truth else None)
     click.echo(where)
 
 
@@ -324,10 +332,7 @@ def compact_manifest(dst: str, storage_options: str | None) -> None:
     from .manifest import MANIFEST_DIR, compact
     from .storage import Storage
 
-    try:
-        merged, rows = compact(Storage(dst, _json_option(storage_options, "--storage-options")), MANIFEST_DIR)
-    except Exception as exc:
-        _fail_known(exc)
+    merged, rows = compact(Storage(dst, _json_option(storage_options, "--storage-options")), MANIFEST_DIR)
     click.echo(f"merged {merged} part(s), {rows} rows" if merged > 1 else "nothing to merge", err=True)
 
 
@@ -367,11 +372,10 @@ def pull_model(name: str, origin: str | None, sha256: str | None, force: bool) -
     import models
     from models.official import pull
 
-    try:
-        path = pull(models.get(name), origin=origin, sha256=sha256, force=force,
-                    say=lambda text: click.echo(text, err=True))
-    except Exception as exc:
-        _fail_known(exc)
+    card = models.lookup(name)
+    if card is None:
+        _fail_usage(f"no model card named {name!r}; known: {', '.join(sorted(c.name for c in models.list_cards()))}")
+    path = pull(card, origin=origin, sha256=sha256, force=force, say=lambda text: click.echo(text, err=True))
     click.echo(str(path))
 
 
@@ -389,21 +393,19 @@ def pull_model(name: str, origin: str | None, sha256: str | None, force: bool) -
 def train(config: str, resume: bool, restart: bool, address: str | None, num_workers: int | None,
           use_gpu: bool | None, checkpoint_dir: str | None, stop_after: int | None, executor: str) -> None:
     """Train the experiment in CONFIG (YAML); reruns resume from the latest checkpoint."""
-    from .train import load_config, run_training
+    from .training.config import load_config
+    from .training.launch import run_training
 
-    try:
-        scaling = {k: v for k, v in (("num_workers", num_workers), ("use_gpu", use_gpu)) if v is not None}
-        overrides: dict[str, Any] = {"scaling": scaling} if scaling else {}
-        if checkpoint_dir:
-            overrides["checkpoint"] = {"dir": checkpoint_dir}
-        with open(config) as f:
-            cfg = load_config(f.read(), overrides or None)
-        if resume and restart:
-            raise ValueError("--resume and --restart exclude each other")
-        result = run_training(cfg, resume=resume, restart=restart, address=address, stop_after=stop_after,
-                              executor=executor)
-    except usage_errors() as exc:
-        _fail_usage(exc)
+    scaling = {k: v for k, v in (("num_workers", num_workers), ("use_gpu", use_gpu)) if v is not None}
+    overrides: dict[str, Any] = {"scaling": scaling} if scaling else {}
+    if checkpoint_dir:
+        overrides["checkpoint"] = {"dir": checkpoint_dir}
+    with open(config) as f:
+        cfg = load_config(f.read(), overrides or None)
+    if resume and restart:
+        _fail_usage("--resume and --restart exclude each other")
+    result = run_training(cfg, resume=resume, restart=restart, address=address, stop_after=stop_after,
+                          executor=executor)
     last = next((r for r in reversed(result["history"]) if "val_psnr" in r), {})
     click.echo(f"run {result['run']}: step {result['step']} (resumed from step {result['resumed_from']})")
     if last:
@@ -429,11 +431,8 @@ def evaluate(model_name: str, input_url: str, target_url: str, task: str | None,
 
     options = _json_option(storage_options, "--storage-options")
     pairs: list[Any] = []
-    try:
-        report = evaluate_folder(model_name, input_url, target_url, task=task, tile=tile, storage_options=options,
-                                 on_image=(lambda *images: pairs.append(eval_pair(*images))) if report_out else None)
-    except usage_errors() as exc:
-        _fail_usage(exc)
+    report = evaluate_folder(model_name, input_url, target_url, task=task, tile=tile, storage_options=options,
+                             on_image=(lambda *images: pairs.append(eval_pair(*images))) if report_out else None)
     for row in report["images"]:
         click.echo(f"{row['key']:<40} PSNR {row['psnr']:.2f} dB  SSIM {row['ssim']:.4f}  "
                    f"(input {row['input_psnr']:.2f} dB / {row['input_ssim']:.4f})")
@@ -444,10 +443,7 @@ def evaluate(model_name: str, input_url: str, target_url: str, task: str | None,
         json.dump(report, f, indent=1)
     click.echo(f"wrote {json_out}", err=True)
     if report_out:
-        try:
-            written = write_page(render_eval_html(report, pairs, input_url, target_url), report_out, options)
-        except Exception as exc:
-            _fail_known(exc)
+        written = write_page(render_eval_html(report, pairs, input_url, target_url), report_out, options)
         click.echo(f"wrote {written}", err=True)
 
 
@@ -464,14 +460,14 @@ _set_option = click.option("--set", "overrides", multiple=True, metavar="KEY=VAL
 
 
 def _jobs_call(action: Callable[[], Any]) -> Any:
-    """Run a Jobs API action; map the known failures to exit codes (2 usage, 4 unreachable)."""
-    from .jobspec import SpecError
-    from .submit import ClusterUnreachable, UnknownJob
+    """Run a Jobs API action; say which failures are the cluster's (4) or a refused token (2).
+
+    A bad spec or an unknown job id is a UsageError (2) for :class:`Main`, like the rest.
+    """
+    from .submit import ClusterUnreachable
 
     try:
         return action()
-    except (SpecError, UnknownJob) as exc:
-        _fail_usage(exc)
     except ClusterUnreachable as exc:
         _fail(exc, EXIT_STORAGE, prefix="cluster unreachable")
     except Exception as exc:

@@ -44,6 +44,8 @@ import numpy as np
 import tifffile
 from PIL import Image, ImageFile, UnidentifiedImageError
 
+from models.errors import UsageError
+
 from .formats import EXTENSION_BY_FORMAT, FORMAT_BY_EXTENSION, SCIENTIFIC_BY_EXTENSION, format_of_name
 
 ImageFile.LOAD_TRUNCATED_IMAGES = False
@@ -58,13 +60,16 @@ TIFF_MAGIC = (b"II*\x00", b"MM\x00*", b"II+\x00", b"MM\x00+")
 GEOTIFF_TAGS = (33550, 33922, 34264, 34735, 34736, 34737, 42112, 42113)
 
 
-class CodecError(ValueError):
+class CodecError(UsageError, ValueError):
     """An image could not be decoded or encoded; the message names the file and why."""
 
     def __init__(self, name: str, reason: str) -> None:
         super().__init__(f"{name}: {reason}")
         self.name = name
         self.reason = reason
+
+    def __reduce__(self) -> tuple:  # picklable across Ray workers
+        return type(self), (self.name, self.reason)
 
 
 @dataclass
@@ -136,6 +141,13 @@ class StreamedImage:
 
 HEAD_BYTES = 1 << 16  # enough of a file to tell its format and read a TIFF's first IFD
 CONTENT_FORMATS = ("DICOM", "NIFTI")  # decoded here, written back in their own format by their module
+SIXTEEN_BIT_FORMATS = ("PNG", "TIFF", *CONTENT_FORMATS)  # formats that hold 16-bit samples
+
+
+def check_bit_depth(name: str, fmt: str, bit_depth: int) -> None:
+    """Refuse to write ``bit_depth``-bit samples as ``fmt`` when it cannot hold them (before any work)."""
+    if bit_depth == 16 and fmt not in SIXTEEN_BIT_FORMATS:
+        raise CodecError(name, f"{fmt} cannot hold 16-bit samples; write PNG or TIFF (--format png or tiff)")
 
 
 def _tiff_first_ifd(head: bytes, fetch: Callable[[int, int], bytes] | None = None) -> dict[int, tuple[int, int]]:
@@ -601,8 +613,7 @@ def encode(image: DecodedImage, restored: list[Page], fmt: str | None = None,
         return content_module(image.format).encode(image, restored, provenance or {})
     channels = image.channels
     bit_depth = image.bit_depth
-    if bit_depth == 16 and fmt not in ("PNG", "TIFF"):
-        raise CodecError(image.name, f"{fmt} cannot hold 16-bit samples; write PNG or TIFF")
+    check_bit_depth(image.name, fmt, bit_depth)
     arrays = [_interleave(page) for page in restored]
     if fmt == "TIFF":
         buffer = io.BytesIO()
@@ -646,3 +657,10 @@ def encode(image: DecodedImage, restored: list[Page], fmt: str | None = None,
     buffer = io.BytesIO()
     pil.save(buffer, fmt, **options)
     return buffer.getvalue()
+
+
+def decode_rgb_float(data: bytes, name: str) -> np.ndarray:
+    """The first page of an image file as float32 RGB (H, W, 3) in [0, 1] (for training and scoring)."""
+    from .imaging import to_rgb_float
+
+    return to_rgb_float(decode(data, name).pages[0].samples)

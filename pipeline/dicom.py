@@ -29,7 +29,8 @@ from typing import Any
 import numpy as np
 
 from .codecs import CodecError, DecodedImage, ImageHeader, Page
-from .scaling import from_unit, percentile_range, quantise, to_stored, to_unit
+from .imaging import PEAK_16, quantise, to_float
+from .scaling import from_unit, percentile_range, to_stored, to_unit
 
 # Tags a restored instance changes (keywords); every other tag is the input's.
 CHANGED_TAGS = ("SOPInstanceUID", "SeriesInstanceUID", "ImageType", "DerivationDescription",
@@ -114,7 +115,7 @@ def decode(data: bytes, name: str) -> DicomImage:
     pages = []
     for frame in values:
         unit = to_unit(frame, lo, hi)
-        pages.append(Page(quantise(1.0 - unit if inverted else unit, 65535.0, np.uint16)[:, :, None]))
+        pages.append(Page(quantise(1.0 - unit if inverted else unit, PEAK_16, np.uint16)[:, :, None]))
     return DicomImage(name, "DICOM", pages, 16, "I;16", dataset=ds, values=values, stored_dtype=stored.dtype,
                       window=(lo, hi), inverted=inverted)
 
@@ -159,8 +160,8 @@ def encode(image: DicomImage, restored: list[Page], provenance: dict[str, Any]) 
     slope, intercept = float(ds.get("RescaleSlope", 1) or 1), float(ds.get("RescaleIntercept", 0) or 0)
     frames = []
     for frame, before, after in zip(image.values, image.pages, restored):
-        model_in = before.samples[:, :, 0].astype(np.float32) / 65535.0
-        model_out = after.samples[:, :, 0].astype(np.float32) / 65535.0
+        model_in = to_float(before.samples[:, :, 0])
+        model_out = to_float(after.samples[:, :, 0])
         if image.inverted:
             model_in, model_out = 1.0 - model_in, 1.0 - model_out
         values = from_unit(frame, model_in, model_out, lo, hi)

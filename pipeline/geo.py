@@ -316,7 +316,7 @@ def _restore_scene(scene: GeoScene, src: Any, restorer: Any) -> dict[str, Any]:
     from .engine import PageJob
 
     scale = restorer.scale
-    groups = band_groups(src.count, scene.options.bands, restorer.spec.in_channels)
+    groups = band_groups(src.count, scene.options.bands, restorer.model.in_channels)
     restored = sorted({b for g in groups for b in g})
     copied = tuple(b for b in range(1, src.count + 1) if b not in restored)
     work = tempfile.mkdtemp(prefix="mirnet-geo-")
@@ -387,8 +387,8 @@ def stac_item(path: str, scene: GeoScene, restorer: Any) -> dict[str, Any]:
                                                         [west, north], [west, south]]]}
         item = pystac.Item(id=posixpath.splitext(posixpath.basename(scene.output_key))[0], geometry=geometry,
                            bbox=list(bounds), datetime=dt.datetime.now(dt.timezone.utc),
-                           properties={"mirnet:model": restorer.spec.name,
-                                       "mirnet:model_sha256": restorer.spec.sha256,
+                           properties={"mirnet:model": restorer.model.name,
+                                       "mirnet:model_sha256": restorer.model.sha256,
                                        "mirnet:source": scene.name})
         projection = ProjectionExtension.ext(item, add_if_missing=True)
         projection.epsg = ds.crs.to_epsg() if ds.crs else None

@@ -7,25 +7,19 @@ driver only receives each image's small manifest row.
 """
 from __future__ import annotations
 
-import contextlib
 import logging
 import os
-import re
-import sys
-import threading
-import warnings
 from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Any, Callable, Iterator
 
 from . import stages
 from .plan import WorkItem
 from .stages import JobSpec, Row
-from .redact import redact
+from .ray_runtime import backend_log_filtered, connect
 from .settings import EngineError
-from .storage import worker_runtime_env
 
 if TYPE_CHECKING:  # torch loads in the replicas only: read, decode and write workers start light
-    from .engine import ModelRef, ModelSpec
+    from models import LoadedModel, ModelRef
 
 log = logging.getLogger(__name__)
 LIGHT_TASK_CPUS = 0.25  # read / decode / encode tasks: they overlap the replicas' compute
@@ -44,69 +38,6 @@ class ClusterOptions:
     quiet: bool = False  # keep Ray's C++ backend log lines off the terminal (they stay in Ray's log files)
 
 
-def connect(options: ClusterOptions) -> None:
-    """Join the cluster, or start an embedded runtime; forward storage credentials to workers."""
-    import ray  # imported on use: the inline executors and training run without Ray installed
-
-    if ray.is_initialized():
-        return
-    # Keep Ray's own chatter out of the job's output (the job reports per image itself).
-    warnings.filterwarnings("ignore", module=r"ray(\.|$)")
-    address = options.address or os.environ.get("RAY_ADDRESS")
-    try:
-        runtime_env = worker_runtime_env(options.runtime_env)
-    except ValueError as exc:
-        raise EngineError(str(exc)) from None
-    common: dict[str, Any] = {"runtime_env": runtime_env, "logging_level": logging.ERROR, "log_to_driver": False}
-    try:
-        if address:
-            ray.init(address=address, **common)
-        else:
-            ray.init(address="local", num_cpus=options.num_cpus, include_dashboard=False, **common)
-    except Exception as exc:  # Ray's messages quote the runtime env, credentials included
-        raise type(exc)(redact(str(exc))) if isinstance(exc, (ValueError, ConnectionError)) else RuntimeError(
-            f"could not start or join Ray: {redact(str(exc))}") from None
-    for name in ("ray", "ray.data", "ray.train"):
-        logging.getLogger(name).setLevel(logging.ERROR)
-
-
-# A line of Ray's C++ backend log, e.g. "[2026-01-01 10:00:00,123 E 4242 4242] core_worker.cc:2465: ..."
-BACKEND_LOG_LINE = re.compile(rb"^\[\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d{3} [DIWEF] \d+ \d+\] [\w./-]+:\d+: ")
-
-
-@contextlib.contextmanager
-def backend_log_filtered(enabled: bool = True) -> Iterator[None]:
-    """Drop Ray's C++ backend log lines from this process's stderr while the block runs.
-
-    Ray's driver core worker writes error-level lines (advice meant for Ray's own
-    developers) straight to file descriptor 2; a quiet run keeps them off the terminal.
-    Everything else written to stderr passes through at once. Ray's log files keep them.
-    """
-    if not enabled:
-        yield
-        return
-    sys.stderr.flush()
-    saved, (read_end, write_end) = os.dup(2), os.pipe()
-    os.dup2(write_end, 2)
-    os.close(write_end)
-
-    def forward() -> None:
-        with os.fdopen(read_end, "rb") as lines:
-            for line in lines:
-                if not BACKEND_LOG_LINE.match(line):
-                    os.write(saved, line)
-
-    thread = threading.Thread(target=forward, name="mirnet-stderr", daemon=True)
-    thread.start()
-    try:
-        yield
-    finally:
-        sys.stderr.flush()
-        os.dup2(saved, 2)  # closes the pipe's last write end: the thread drains and stops
-        thread.join(timeout=5)
-        os.close(saved)
-
-
 class RestoreReplica:
     """One model replica: loads the driver's model once, restores batches of decoded images.
 
@@ -118,12 +49,14 @@ class RestoreReplica:
         import ray
         import torch
 
-        from .engine import Restorer, load_reference
+        from models import LoadedModel
+
+        from .engine import Restorer
 
         torch.set_num_threads(max(threads, 1))
         self.node = ray.get_runtime_context().get_node_id()
         settings = spec.settings if device is None else replace(spec.settings, device=device)
-        self.restorer = Restorer(load_reference(ref, ray.get(data[0]) if data else None), settings)
+        self.restorer = Restorer(LoadedModel.from_reference(ref, ray.get(data[0]) if data else None), settings)
 
     def __call__(self, batch: dict[str, Any]) -> dict[str, Any]:
         rows = stages.restore(stages.unpack(batch), self.restorer)
@@ -163,7 +96,7 @@ def pool_shape(options: ClusterOptions) -> dict[str, Any]:
             "in_flight": 1}
 
 
-def run_graph(spec: JobSpec, items: list[WorkItem], options: ClusterOptions, model: ModelSpec | None = None,
+def run_graph(spec: JobSpec, items: list[WorkItem], options: ClusterOptions, model: LoadedModel | None = None,
               on_phase: Callable[[str], None] = lambda text: None) -> Iterator[Row]:
     """Run the job on Ray and yield each image's finished row as it completes.
 
@@ -172,11 +105,11 @@ def run_graph(spec: JobSpec, items: list[WorkItem], options: ClusterOptions, mod
     """
     import ray.data
 
-    from .engine import resolve_model
+    import models
 
-    model = model or resolve_model(spec.model, spec.task, spec.scale, spec.source.options)
+    model = model or models.resolve(spec.model, spec.task, spec.scale, spec.source.options)
     on_phase("starting Ray" if not (options.address or os.environ.get("RAY_ADDRESS")) else "connecting to Ray")
-    connect(options)
+    connect(options.address, options.num_cpus, options.runtime_env)
     ctx = ray.data.DataContext.get_current()
     ctx.execution_options.preserve_order = False
     ctx.enable_progress_bars = False

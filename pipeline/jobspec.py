@@ -30,6 +30,8 @@ from typing import Any
 
 import yaml
 
+from models.errors import UsageError
+
 ENTRYPOINT_COMMANDS = ("restore", "train", "eval", "report", "manifest")
 NAME_PATTERN = re.compile(r"^[a-z0-9]([a-z0-9-]{0,38}[a-z0-9])?$")
 ID_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
@@ -41,7 +43,7 @@ SPEC_METADATA = "mirnet.spec"  # metadata keys the project adds to every submitt
 PERIOD_METADATA = "mirnet.period"
 
 
-class SpecError(ValueError):
+class SpecError(UsageError, ValueError):
     """A job spec that cannot work as written; the message names the file and the field."""
 
 

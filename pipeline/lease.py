@@ -19,6 +19,8 @@ import time
 from dataclasses import asdict, dataclass, replace
 from typing import Any
 
+from models.errors import UsageError
+
 from .storage import Storage
 
 log = logging.getLogger(__name__)
@@ -26,11 +28,11 @@ LEASE_KEY = "_manifest/lease.json"
 LEASE_TTL_SECONDS = 120.0
 
 
-class DestinationBusy(RuntimeError):
+class DestinationBusy(UsageError, RuntimeError):
     """Another live run holds the destination's lease."""
 
 
-class LeaseLost(RuntimeError):
+class LeaseLost(UsageError, RuntimeError):
     """This run's lease was taken over (it could not be renewed in time)."""
 
 

@@ -20,7 +20,8 @@ from typing import Any
 import numpy as np
 
 from .codecs import CodecError, DecodedImage, ImageHeader, Page
-from .scaling import from_unit, percentile_range, quantise, to_stored, to_unit
+from .imaging import PEAK_16, quantise, to_float
+from .scaling import from_unit, percentile_range, to_stored, to_unit
 
 
 def _load(data: bytes, name: str) -> tuple[Any, bytes, bool]:
@@ -92,7 +93,7 @@ def decode(data: bytes, name: str, axis: int = 2) -> NiftiImage:
     values = _values(volume, slope, inter)
     finite = values[np.isfinite(values)]
     lo, hi = percentile_range(finite[:: max(1, finite.size // 1_000_000)])
-    pages = [Page(quantise(to_unit(s, lo, hi), 65535.0, np.uint16)[:, :, None]) for s in _slice_views(values, axis)]
+    pages = [Page(quantise(to_unit(s, lo, hi), PEAK_16, np.uint16)[:, :, None]) for s in _slice_views(values, axis)]
     offset = int(type(header).from_fileobj(io.BytesIO(raw)).get_data_offset())  # as stored in the file
     return NiftiImage(name, "NIFTI", pages, 16, "I;16", raw=raw, zipped=zipped, offset=offset,
                       volume=volume, axis=axis, scaling=(slope, inter, lo, hi))
@@ -108,8 +109,8 @@ def encode(image: NiftiImage, restored: list[Page], provenance: dict[str, Any]) 
     out = np.empty_like(volume)
     targets = _slice_views(out, image.axis)
     for target, source, before, after in zip(targets, _slice_views(volume, image.axis), image.pages, restored):
-        values = from_unit(source.astype(np.float32) * slope + inter, before.samples[:, :, 0] / np.float32(65535),
-                           after.samples[:, :, 0] / np.float32(65535), lo, hi)
+        values = from_unit(source.astype(np.float32) * slope + inter, to_float(before.samples[:, :, 0]),
+                           to_float(after.samples[:, :, 0]), lo, hi)
         target[...] = to_stored((values - inter) / slope, volume.dtype)
     voxels = out.tobytes(order="F")
     body = image.raw[:image.offset] + voxels + image.raw[image.offset + len(voxels):]

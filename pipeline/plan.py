@@ -14,6 +14,8 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Callable, Iterable
 
+from models.errors import UsageError
+
 from .formats import EXTENSION_BY_FORMAT, FORMAT_BY_EXTENSION, RESTORE_PATTERNS, format_of_name
 from .manifest import claimed_outputs, latest_rows, new_run_id, read_manifest
 from .storage import Storage, matches, read_key_list, safe_relative_key
@@ -22,7 +24,7 @@ if TYPE_CHECKING:
     from .lease import DestinationLease
 
 
-class PlanError(ValueError):
+class PlanError(UsageError, ValueError):
     """The run cannot start as asked (a usage error); the message says why."""
 
 

@@ -41,6 +41,8 @@ from typing import Any
 
 import numpy as np
 
+from models.errors import UsageError
+
 from .manifest import MANIFEST_DIR, read_manifest, read_run_summaries
 from .redact import redact
 from .storage import Storage
@@ -52,6 +54,10 @@ CROPS_PER_PAIR = 2
 GALLERY_MAX_PIXELS = 25_000_000  # larger outputs (all pages) are left out of the gallery: GBs to decode
 GALLERY_WORKERS = 4  # pairs made at once (each holds two decoded images)
 THUMB_QUALITY, CROP_QUALITY = 80, 90  # thumbnails 4:2:0 (an overview), crops 4:4:4 (every detail)
+
+
+class ReportError(UsageError, ValueError):
+    """The destination holds no such run to report on."""
 
 
 def report_key(run_id: str) -> str:
@@ -100,10 +106,10 @@ def load_run(output: Storage, run_id: str | None = None) -> Run:
         finished[rid] = max(finished.get(rid, 0.0), float(s.get("finished_at") or 0.0))
     runs = sorted(finished, key=lambda rid: (finished[rid], rid))
     if not runs:
-        raise ValueError(f"{output.display(MANIFEST_DIR)}: no run recorded (is DST the destination of a restore?)")
+        raise ReportError(f"{output.display(MANIFEST_DIR)}: no run recorded (is DST the destination of a restore?)")
     chosen = run_id or runs[-1]
     if chosen not in finished:
-        raise ValueError(f"no run {chosen!r} in {output.display(MANIFEST_DIR)}; runs there: "
+        raise ReportError(f"no run {chosen!r} in {output.display(MANIFEST_DIR)}; runs there: "
                          f"{', '.join(runs[-5:])}{' (latest last)' if len(runs) > 1 else ''}")
     return Run(chosen, [r for r in rows if r["run_id"] == chosen], summaries.get(chosen), runs)
 

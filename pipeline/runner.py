@@ -14,7 +14,10 @@ from typing import Any, Callable, Iterable, Iterator, TextIO
 from tqdm import tqdm
 
 from . import codecs, stages
-from .engine import EngineSettings, ModelSpec, Restorer, check_settings, resolve_model
+import models
+from models import LoadedModel
+
+from .engine import EngineSettings, Restorer, check_settings
 from .graph import ClusterOptions, cpu_replica_threads, run_graph
 from .lease import DestinationLease
 from .manifest import ManifestWriter, empty_row, new_run_id, write_claim, write_run_summary
@@ -212,7 +215,7 @@ class Progress:
 
 def execute(plan: Plan, spec: JobSpec, *, executor: str = "ray", cluster: ClusterOptions = ClusterOptions(),
             fail_fast: bool = False, quiet: bool = False, stream: TextIO = sys.stderr,
-            restorer: Restorer | None = None, model: ModelSpec | None = None) -> JobResult:
+            restorer: Restorer | None = None, model: LoadedModel | None = None) -> JobResult:
     """Run the plan, writing manifest parts as images finish, then release its lease.
 
     ``model`` is the model the driver resolved and checked; replicas run exactly its
@@ -233,8 +236,8 @@ def execute(plan: Plan, spec: JobSpec, *, executor: str = "ray", cluster: Cluste
             return
         if executor == "inline":
             progress.phase("loading the model")
-            local = restorer or Restorer(model or resolve_model(spec.model, spec.task, spec.scale,
-                                                                spec.source.options), spec.settings)
+            local = restorer or Restorer(model or models.resolve(spec.model, spec.task, spec.scale, spec.source.options),
+                                         spec.settings)
             progress.phase("restoring")
             yield from run_inline(spec, runnable, local, on_tiles=progress.tiles)
         else:
@@ -268,7 +271,7 @@ def execute(plan: Plan, spec: JobSpec, *, executor: str = "ray", cluster: Cluste
     return result
 
 
-def run_summary(result: JobResult, spec: JobSpec, executor: str, model: ModelSpec | None) -> dict[str, Any]:
+def run_summary(result: JobResult, spec: JobSpec, executor: str, model: LoadedModel | None) -> dict[str, Any]:
     """What ``_manifest/runs/RUN.json`` records of a run (the rows record each image)."""
     return {"run_id": result.run_id, "finished_at": time.time(), "seconds": round(result.seconds, 3),
             "ok": result.ok, "failed": result.failed, "skipped": result.skipped,
@@ -297,14 +300,14 @@ def prepare_job(src: str, dst: str, *, model: str | None = None, task: str | Non
                 out_format: str | None = None, storage_options: dict[str, Any] | None = None,
                 include: Iterable[str] = (), exclude: Iterable[str] = (), keys_from: str | None = None,
                 overwrite: bool = False, allow_empty: bool = False, max_pixels: int | None = None,
-                dry_run: bool = False) -> tuple[Plan, JobSpec, ModelSpec]:
+                dry_run: bool = False) -> tuple[Plan, JobSpec, LoadedModel]:
     """Everything checked before the first image: model, settings, inputs, destination.
 
     A real run then holds the destination's lease (DestinationBusy if another run
     does) until :func:`execute` ends or ``plan.release()``. A dry run checks the same
     things, but writes nothing and takes no lease.
     """
-    resolved = resolve_model(model, task, scale, storage_options)
+    resolved = models.resolve(model, task, scale, storage_options)
     check_settings(resolved, settings)
     run_id = new_run_id()
     leases: list[DestinationLease] = []

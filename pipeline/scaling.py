@@ -1,5 +1,4 @@
-"""Mapping stored values (reflectance, Hounsfield units, NIfTI intensities) to a model's [0, 1] and back,
-and [0, 1] floats to integer samples (``quantise``, torch-free, shared with the engine).
+"""Mapping stored values (reflectance, Hounsfield units, NIfTI intensities) to a model's [0, 1] and back.
 
 The rule shared by GeoTIFF, DICOM and NIfTI: a value v maps to (v - lo) / (hi - lo), clipped to
 [0, 1] for the model; the output is v + (model output - model input) * (hi - lo). Values beyond
@@ -41,10 +40,3 @@ def to_stored(values: np.ndarray, dtype: np.dtype | str, limits: tuple[float, fl
         return values.astype(kind)
     low, high = limits or (np.iinfo(kind).min, np.iinfo(kind).max)
     return np.clip(np.rint(values), low, high).astype(kind)
-
-
-def quantise(values: np.ndarray, peak: float, dtype: np.dtype) -> np.ndarray:
-    """Float [0, 1] to samples of ``dtype``: rounded integers, or clipped floats for a float dtype."""
-    if np.issubdtype(dtype, np.floating):
-        return np.clip(values, 0.0, 1.0).astype(dtype)
-    return np.rint(np.clip(values, 0.0, 1.0) * peak).astype(dtype)

@@ -8,10 +8,12 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass
 from typing import Any, Literal
 
+from models.errors import UsageError
+
 Precision = Literal["auto", "fp32", "bf16", "fp16"]
 
 
-class EngineError(ValueError):
+class EngineError(UsageError, ValueError):
     """The model and the request do not fit (task, scale, channels, precision)."""
 
 

@@ -113,8 +113,7 @@ def decode(row: Row, spec: JobSpec) -> Row:
     data = row.pop("data")
     fmt = spec.out_format or codecs.format_for(name, data[:codecs.HEAD_BYTES])
     image = codecs.decode(data, name, max_pixels=spec.max_pixels or codecs.DEFAULT_MAX_PIXELS, options=spec.formats)
-    if image.bit_depth == 16 and fmt not in ("PNG", "TIFF", *codecs.CONTENT_FORMATS):
-        raise codecs.CodecError(name, f"16-bit image cannot be written as {fmt}; use --format png or tiff")
+    codecs.check_bit_depth(name, fmt, image.bit_depth)
     row.update(image=image, width=image.width, height=image.height, mode=image.mode,
                bit_depth=image.bit_depth, pages=len(image.pages))
     return row
@@ -144,7 +143,7 @@ def restore(rows: list[Row], restorer: Restorer) -> list[Row]:
     for row, pages in zip(live, results):
         row["restored"] = pages
         row["tiles"] = restorer.count_tiles(row["image"])
-        row["model"], row["model_sha256"] = restorer.spec.name, restorer.spec.sha256
+        row["model"], row["model_sha256"] = restorer.model.name, restorer.model.sha256
     total_tiles = sum(r["tiles"] for r in live) or 1
     for row in live:  # the batch's time, shared by the images' tile counts
         add_seconds(row, elapsed * row["tiles"] / total_tiles)
@@ -154,7 +153,7 @@ def restore(rows: list[Row], restorer: Restorer) -> list[Row]:
 def _restore_streamed(row: Row, restorer: Restorer) -> Row:
     row["restored"] = row["image"].restore(restorer)
     row["tiles"] = row["restored"]["tiles"]
-    row["model"], row["model_sha256"] = restorer.spec.name, restorer.spec.sha256
+    row["model"], row["model_sha256"] = restorer.model.name, restorer.model.sha256
     return row
 
 

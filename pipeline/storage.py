@@ -23,6 +23,8 @@ import fsspec
 import pyarrow.parquet as pq
 from fsspec.implementations.local import LocalFileSystem
 
+from models.errors import UsageError
+
 from . import redact
 from .formats import IMAGE_PATTERNS
 
@@ -38,8 +40,13 @@ NOT_TRANSIENT = (FileNotFoundError, PermissionError, IsADirectoryError, NotADire
                  TypeError, KeyError)
 
 
-class StorageError(OSError):
+class StorageError(UsageError, OSError):
     """A storage operation failed; the message names the URL."""
+
+
+class StorageRequestError(UsageError, ValueError):
+    """A storage request that cannot work as asked: an unsafe key, an unknown URL scheme, a key list
+    without keys, runtime-env variables set twice."""
 
 
 def forwarded_env() -> dict[str, str]:
@@ -60,7 +67,7 @@ def worker_runtime_env(user: dict[str, Any] | None = None) -> dict[str, Any]:
     user_vars = {k: v for k, v in dict(env.get("env_vars") or {}).items() if job_vars.get(k) != v}
     clash = sorted(set(user_vars) & set(job_vars))
     if clash:
-        raise ValueError(f"runtime env variable(s) {', '.join(clash)} differ from the submitted job's runtime env; "
+        raise StorageRequestError(f"runtime env variable(s) {', '.join(clash)} differ from the submitted job's runtime env; "
                          "set them in one place")
     forwarded = {k: v for k, v in forwarded_env().items() if k not in user_vars and k not in job_vars}
     env.pop("env_vars", None)
@@ -121,21 +128,21 @@ def _precondition_failed(exc: BaseException) -> bool:
 
 
 def safe_relative_key(key: str) -> str:
-    """Return ``key`` unchanged if it maps to exactly one path below a prefix; else raise ValueError.
+    """Return ``key`` unchanged if it maps to exactly one path below a prefix; else raise StorageRequestError (a ValueError).
 
     Keys are never normalised: ``a//b.png`` and ``a/./b.png`` are other objects than
     ``a/b.png`` in an object store, so rewriting them would make two inputs share one
     output. Such keys, absolute keys, ``..`` segments and backslashes are refused.
     """
     if not key or key.startswith("/") or "://" in key:
-        raise ValueError(f"unsafe key {key!r}: keys must be relative paths")
+        raise StorageRequestError(f"unsafe key {key!r}: keys must be relative paths")
     if "\\" in key:
-        raise ValueError(f"unsafe key {key!r}: a backslash is a path separator on some systems")
+        raise StorageRequestError(f"unsafe key {key!r}: a backslash is a path separator on some systems")
     if any(ord(c) < 32 for c in key):
-        raise ValueError(f"unsafe key {key!r}: control characters")
+        raise StorageRequestError(f"unsafe key {key!r}: control characters")
     parts = key.split("/")
     if any(part in ("", ".", "..") for part in parts):
-        raise ValueError(f"unsafe key {key!r}: empty, '.' or '..' path segments cannot be mapped to one "
+        raise StorageRequestError(f"unsafe key {key!r}: empty, '.' or '..' path segments cannot be mapped to one "
                          "output path")
     return key
 
@@ -162,7 +169,12 @@ class Storage:
     def __post_init__(self) -> None:
         redact.remember(self.options)
         self.options = resolve_options(self.url, self.options)
-        self.fs, root = fsspec.core.url_to_fs(self.url, **self.options)
+        try:
+            self.fs, root = fsspec.core.url_to_fs(self.url, **self.options)
+        except (ValueError, ImportError) as exc:  # an unknown scheme, or its filesystem package is missing
+            if isinstance(exc, ValueError) and "protocol" not in str(exc).lower():
+                raise
+            raise StorageRequestError(f"{self.url}: {exc}") from None
         self.root = root.rstrip("/")
 
     def __getstate__(self) -> dict[str, Any]:
@@ -354,7 +366,7 @@ def read_key_list(url: str, options: dict[str, Any] | None = None) -> list[str]:
     if url.lower().endswith(".parquet") or data[:4] == b"PAR1":
         table = pq.read_table(io.BytesIO(data))
         if "key" not in table.column_names:
-            raise ValueError(f"{url}: a key list in Parquet needs a 'key' column (has {table.column_names})")
+            raise StorageRequestError(f"{url}: a key list in Parquet needs a 'key' column (has {table.column_names})")
         keys = [str(k) for k in table.column("key").to_pylist() if k]
     else:
         keys = [line.strip() for line in data.decode("utf-8").splitlines()]

@@ -14,6 +14,8 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import TYPE_CHECKING, Any, Callable
 
+from models.errors import UsageError
+
 from .jobspec import ClusterJob
 
 if TYPE_CHECKING:
@@ -27,7 +29,7 @@ class ClusterUnreachable(ConnectionError):
     """No Ray dashboard answered at the address."""
 
 
-class UnknownJob(LookupError):
+class UnknownJob(UsageError, LookupError):
     """No job with that submission id on the cluster."""
 
 

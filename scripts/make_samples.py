@@ -9,8 +9,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from pipeline.data import skimage_photo
-from pipeline.degrade import gaussian, low_light
+from pipeline.training.data import skimage_photo
+from pipeline.training.degrade import gaussian, low_light
 from pipeline.engine import resize_bicubic
 
 ROOT = Path(__file__).resolve().parent.parent / "samples"

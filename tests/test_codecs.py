@@ -17,7 +17,7 @@ import tifffile
 from PIL import Image, ImageCms
 
 from pipeline import codecs
-from pipeline.engine import EngineSettings, ModelSpec, Restorer
+from pipeline.engine import EngineSettings, Restorer
 
 from .conftest import child_env, photo
 
@@ -137,7 +137,7 @@ CASES = [("PNG", m) for m in ("L", "LA", "RGB", "RGBA", "I;16", "RGB;16", "RGBA;
 def restorer(small_model):
     import models
 
-    return Restorer(ModelSpec(models.load(small_model), "v2-small", "denoise"), EngineSettings(tile=64, overlap=8))
+    return Restorer(models.load(small_model), EngineSettings(tile=64, overlap=8))
 
 
 def roundtrip(data: bytes, name: str, restorer: Restorer, fmt: str | None = None):
@@ -197,7 +197,7 @@ def test_greyscale_with_one_channel_model():
     import models
 
     model = models.build("mirnet_v2", inp_channels=1, out_channels=1, n_feat=16, n_RRG=1, n_MRB=1)
-    restorer = Restorer(ModelSpec(model, "grey", "denoise"), EngineSettings(tile=64, overlap=8))
+    restorer = Restorer(model, EngineSettings(tile=64, overlap=8))
     image, out = roundtrip(encode_input("PNG", "L"), "grey.png", restorer)
     assert out.mode == "L" and out.pages[0].samples.shape == (H, W, 1)
     with pytest.raises(ValueError, match="takes greyscale"):

@@ -1,15 +1,15 @@
 """Engine: tiling against whole-image output, seams, SR sizes, OOM fallback, clear errors."""
 from __future__ import annotations
 
+from dataclasses import replace
+
 import numpy as np
 import pytest
 import torch
-from click.testing import CliRunner
-from PIL import Image
 
 import models
-from pipeline.cli import main
-from pipeline.engine import EngineError, EngineSettings, ModelSpec, PageJob, Restorer, resolve_model
+from models import LoadedModel, ModelRequestError
+from pipeline.engine import EngineError, EngineSettings, PageJob, Restorer, restore_array
 from pipeline.tiling import TileGrid, axis_starts
 
 from .conftest import photo
@@ -19,8 +19,8 @@ TILED_PSNR_BOUND_DB = 40.0
 
 
 @pytest.fixture(scope="module")
-def spec(small_model) -> ModelSpec:
-    return ModelSpec(models.load(small_model), "v2-small", "denoise")
+def spec(small_model) -> LoadedModel:
+    return models.load(small_model)
 
 
 def photo_512x768() -> np.ndarray:
@@ -39,7 +39,7 @@ def psnr(a: np.ndarray, b: np.ndarray) -> float:
     return float(10 * np.log10(255.0 ** 2 / max(mse, 1e-12)))
 
 
-def whole_and_tiled(spec: ModelSpec, img: np.ndarray, tile: int, overlap: int):
+def whole_and_tiled(spec: LoadedModel, img: np.ndarray, tile: int, overlap: int):
     restorer = Restorer(spec, EngineSettings(tile=tile, overlap=overlap))
     x = torch.from_numpy(img).permute(2, 0, 1)[None].float() / 255
     whole = np.rint(restorer.restore_tensor(x)[0].permute(1, 2, 0).clamp(0, 1).numpy() * 255).astype(np.uint8)
@@ -47,6 +47,7 @@ def whole_and_tiled(spec: ModelSpec, img: np.ndarray, tile: int, overlap: int):
     return whole, tiled, restorer
 
 
+@pytest.mark.slow
 def test_tiled_output_close_to_whole_image_without_seams(spec):
     img = photo_512x768()
     whole, tiled, restorer = whole_and_tiled(spec, img, tile=256, overlap=32)
@@ -99,35 +100,23 @@ class FlakyOOM(torch.nn.Module):
 def test_out_of_memory_retries_with_smaller_batches_then_tiles(spec):
     img = photo_512x768()[:256, :320]
     flaky = FlakyOOM(spec.module, max_side=128)
-    restorer = Restorer(ModelSpec(flaky, "flaky", "denoise"), EngineSettings(tile=256, overlap=16, batch_size=4))
+    restorer = Restorer(replace(spec, module=flaky, name="flaky"), EngineSettings(tile=256, overlap=16, batch_size=4))
     out = restorer.restore_arrays([float_job(img)])[0]
     assert restorer.tile == 128
     reference = Restorer(spec, EngineSettings(tile=128, overlap=16, batch_size=1)).restore_arrays([float_job(img)])[0]
     assert np.array_equal(out, reference), "a stale tile from the failed attempt reached the output"
 
 
-def test_sr_doubles_size(tmp_path, small_model):
-    model = models.load(small_model)
-    sr_path = tmp_path / "sr2.safetensors"
-    models.save(model, str(sr_path), task="sr", scale=2)
-    src = tmp_path / "low.png"
-    Image.fromarray(photo("chelsea")[:150, :200]).save(src)
-    result = CliRunner().invoke(main, ["restore", str(src), str(tmp_path / "high.png"), "--model", str(sr_path),
-                                       "--task", "sr", "--scale", "2", "--quiet"])
-    assert result.exit_code == 0, result.output
-    assert Image.open(tmp_path / "high.png").size == (400, 300)
-
-
 def test_sr_scale_mismatch_is_refused(tmp_path, small_model):
     path = tmp_path / "sr2.safetensors"
     models.save(models.load(small_model), str(path), task="sr", scale=2)
-    with pytest.raises(EngineError, match="x2 super-resolution, not x4"):
-        resolve_model(str(path), "sr", 4)
+    with pytest.raises(ModelRequestError, match="x2 super-resolution, not x4"):
+        models.resolve(str(path), "sr", 4)
 
 
 def test_model_task_mismatch_is_refused(small_model):
-    with pytest.raises(EngineError, match="restores 'denoise', not 'enhance'"):
-        resolve_model(small_model, "enhance")
+    with pytest.raises(ModelRequestError, match="restores 'denoise', not 'enhance'"):
+        models.resolve(small_model, "enhance")
 
 
 def test_fp16_refused_on_cpu(spec):
@@ -143,7 +132,7 @@ def test_bf16_autocast_runs_on_cpu_when_asked(spec):
 
 
 def test_self_ensemble_averages_the_eight_turned_back_outputs(spec):
-    from pipeline.engine import dihedral, undo_dihedral
+    from pipeline.device_runner import dihedral, undo_dihedral
 
     x = torch.rand(1, 3, 24, 32)
     assert all(torch.equal(undo_dihedral(dihedral(x, k), k), x) for k in range(8))
@@ -161,11 +150,12 @@ FAST_MODE_PSNR_BOUND_DB = 0.05
 
 @pytest.mark.parametrize("fast", [EngineSettings(precision="bf16"), EngineSettings(precision="auto"),
                                   EngineSettings(precision="bf16", compile=True)], ids=["bf16", "auto", "compiled"])
+@pytest.mark.slow
 def test_fast_modes_stay_within_bound_of_fp32_on_real_photos(fast):
     """The shipped denoiser on three noisy photos: each fast mode's PSNR to the clean photo is fp32's +- 0.05 dB."""
     from dataclasses import replace
 
-    spec = resolve_model(None, "denoise")
+    spec = models.resolve(None, "denoise")
     rng = np.random.default_rng(0)
     changes = []
     for name in ("astronaut", "coffee", "chelsea"):
@@ -177,38 +167,7 @@ def test_fast_modes_stay_within_bound_of_fp32_on_real_photos(fast):
     assert max(abs(c) for c in changes) <= FAST_MODE_PSNR_BOUND_DB, changes
 
 
-def test_cli_errors_name_file_and_reason(tmp_path, small_model):
-    runner = CliRunner()
-    bad = tmp_path / "broken.png"
-    bad.write_bytes(b"not an image at all")
-    result = runner.invoke(main, ["restore", str(bad), str(tmp_path / "o.png"), "--model", small_model, "--quiet"])
-    assert result.exit_code == 1
-    assert "broken.png" in result.output and "not a recognised image" in result.output
-    gif = tmp_path / "anim.gif"
-    Image.fromarray(photo("camera")[:32, :32]).save(gif)
-    result = runner.invoke(main, ["restore", str(gif), str(tmp_path / "o.png"), "--model", small_model,
-                                  "--quiet", "--include", "*.gif"])
-    assert result.exit_code == 1 and "anim.gif: unsupported" in result.output
-    ok = tmp_path / "ok.png"
-    Image.fromarray(photo("camera")[:32, :32]).save(ok)
-    result = runner.invoke(main, ["restore", str(ok), str(tmp_path / "o.png"), "--model", small_model,
-                                  "--task", "enhance"])
-    assert result.exit_code == 2 and "restores 'denoise', not 'enhance'" in result.output
-
-
-def test_task_without_weights_says_so(tmp_path, monkeypatch):
-    from models import cards
-
-    monkeypatch.setattr(cards, "_REGISTRY", {k: v for k, v in cards._REGISTRY.items() if v.task != "deblur"})
-    cards.register(cards.ModelCard("deblur-untrained", "mirnet_v2", {}, "deblur"))
-    src = tmp_path / "a.png"
-    Image.fromarray(photo("camera")[:32, :32]).save(src)
-    result = CliRunner().invoke(main, ["restore", str(src), str(tmp_path / "b.png"), "--task", "deblur"])
-    assert result.exit_code == 2
-    assert "no trained weights are available for task 'deblur'" in result.output
-    assert not (tmp_path / "b.png").exists()
-
-
+@pytest.mark.slow
 def test_large_image_peak_memory_is_bounded():
     """The 12000x12000 figure in README.md comes from the same script; here a quicker 4000x4000 run."""
     import json
@@ -225,6 +184,7 @@ def test_large_image_peak_memory_is_bounded():
     assert report["peak_rss_gib"] < 1.5  # input 0.045 GiB: the image is held compactly, never as float
 
 
+@pytest.mark.slow
 def test_model_speed_benchmark_quick_mode_reports_every_mode():
     """The seconds-long form of benchmarks/model_speed.py: one JSON line with the README's fields."""
     import json
@@ -244,6 +204,7 @@ def test_model_speed_benchmark_quick_mode_reports_every_mode():
     assert report["engine"]["fp32"]["tiles"] >= 1 and report["engine"]["fp32"]["seconds_over_model_only_per_tile"] > 0
 
 
+@pytest.mark.slow
 def test_gpu_session_script_quick_mode_runs_every_section():
     """The prepared GPU session (benchmarks/gpu_session.py) in its seconds-long CPU form."""
     import json
@@ -272,20 +233,48 @@ def test_compiled_models_see_few_static_shapes():
     images share one compiled shape, and the shipped denoiser's outputs stay close to the unpadded ones."""
     from dataclasses import replace
 
-    from pipeline.engine import BUCKET
+    from pipeline.device_runner import BUCKET
 
-    spec = resolve_model("mirnet-v2-denoise-s", "denoise")
+    spec = models.resolve("mirnet-v2-denoise-s", "denoise")
     settings = EngineSettings(tile=128, overlap=16, batch_size=2, precision="fp32")
     eager = Restorer(spec, settings)
     bucketed = Restorer(spec, replace(settings, compile=True))
-    bucketed.run_model = bucketed.model  # the shape logic without the minute of compiling
+    bucketed.runner.run_module = bucketed.runner.module  # the shape logic without the minute of compiling
     clean = photo("astronaut")[:200, :180].astype(np.float64)
     img = np.clip(clean + np.random.default_rng(0).normal(0, 15, clean.shape), 0, 255).round().astype(np.uint8)
     crops = [img[:100, :70], img[:120, :90], img[:64, :64], img]
     out = bucketed.restore_arrays([float_job(c) for c in crops])
     ref = eager.restore_arrays([float_job(c) for c in crops])
-    assert set(bucketed.compiled_shapes) == {(2, 3, BUCKET, BUCKET)}
-    assert bucketed.compile_seconds > 0 and bucketed.describe()["compile_seconds"] >= 0
+    assert set(bucketed.runner.compiled_shapes) == {(2, 3, BUCKET, BUCKET)}
+    assert bucketed.runner.compile_seconds > 0 and bucketed.describe()["compile_seconds"] >= 0
     for a, b in zip(out, ref):
         assert a.shape == b.shape
         assert psnr(a, b) > 35  # the padding differs, the content does not
+
+
+@pytest.mark.parametrize("dtype", [np.uint8, np.uint16, np.float32])
+def test_restore_array_keeps_dtype_and_layout(spec, dtype):
+    """restore_array gives what the image path gives, in the input's dtype and layout (grey 2-D too)."""
+    from pipeline.codecs import DecodedImage, Page
+
+    settings = EngineSettings(tile=64, overlap=8)
+    restorer = Restorer(spec, settings)
+    colour = np.ascontiguousarray(photo("chelsea")[:70, :90])
+    scale = {np.uint8: 1, np.uint16: 257, np.float32: 1 / 255}[dtype]
+    for array in (colour, colour[:, :, 0]):
+        typed = (array.astype(np.float64) * scale).astype(dtype)
+        out = restore_array(typed, spec, settings)
+        assert out.shape == typed.shape and out.dtype == typed.dtype
+        if dtype is np.uint8:
+            samples = typed if typed.ndim == 3 else typed[:, :, None]
+            expected = restorer.restore_image(DecodedImage("x.png", "PNG", [Page(samples)], 8, "RGB"))[0].samples
+            assert np.array_equal(out, expected.reshape(out.shape))
+        else:
+            assert psnr(np.clip(out / scale, 0, 255), restore_array(array, spec, settings)) > 45
+
+
+def test_restore_array_refuses_other_layouts(spec):
+    with pytest.raises(EngineError, match=r"shape \(8, 8, 4\)"):
+        restore_array(np.zeros((8, 8, 4), np.uint8), spec)
+    with pytest.raises(EngineError, match="int32"):
+        restore_array(np.zeros((8, 8, 3), np.int32), spec)

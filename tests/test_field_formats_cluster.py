@@ -23,6 +23,8 @@ from pydicom.data import get_testdata_file  # noqa: E402
 from .test_geo import tiny_checkpoint, write_scene  # noqa: E402
 from .test_medical import nifti_volume  # noqa: E402
 
+pytestmark = pytest.mark.slow  # the shared Ray runtime and the moto S3 server
+
 
 def test_scene_series_and_volume_restore_on_ray_from_s3(tmp_path, bucket, ray_runtime):
     local = tmp_path / "in"

@@ -9,6 +9,7 @@ import zlib
 from pathlib import Path
 
 import numpy as np
+import pytest
 from click.testing import CliRunner
 from PIL import Image
 
@@ -74,6 +75,7 @@ def test_a_bomb_or_broken_file_does_not_push_a_small_job_onto_ray(tmp_path, monk
     assert runner_module.job_megapixels(plan, max_pixels=60000 * 60000) > 3000  # under a raised limit it counts
 
 
+@pytest.mark.slow
 def test_small_path_says_so_and_matches_the_ray_path_on_the_samples(tmp_path, ray_runtime):
     runner = CliRunner()
     inline = runner.invoke(main, ["restore", str(SAMPLES), str(tmp_path / "auto"), "--task", "denoise"])
@@ -117,12 +119,13 @@ def test_dry_run_validates_model_scale_and_destination(tmp_path, small_model):
 def test_manifest_seconds_is_processing_time_not_queue_time(tmp_path, small_model, monkeypatch):
     """An image that waits between stages (in Ray's queues) is not charged for the wait."""
     from pipeline import stages
-    from pipeline.engine import EngineSettings, Restorer, resolve_model
+    import models
+    from pipeline.engine import EngineSettings, Restorer
 
     write_photos(tmp_path / "in", 1)
     spec = stages.JobSpec(Storage(str(tmp_path / "in")), Storage(str(tmp_path / "out")), small_model, None, None,
                           EngineSettings(tile=64, overlap=8))
-    restorer = Restorer(resolve_model(small_model, None), spec.settings)
+    restorer = Restorer(models.resolve(small_model, None), spec.settings)
     queued = [0.0]  # the stages' clock, moved on by an hour whenever the image waits in a queue
     real_clock = time.perf_counter
     monkeypatch.setattr(stages.time, "perf_counter", lambda: real_clock() + queued[0])

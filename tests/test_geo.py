@@ -87,6 +87,7 @@ def run(args: list[str]) -> None:
     assert result.exit_code == 0, result.output
 
 
+@pytest.mark.slow
 def test_scene_restores_with_georeferencing_nodata_bands_and_cog(scene, tmp_path):
     folder, data = scene
     out = tmp_path / "out"

@@ -308,7 +308,7 @@ def ray_head(s3_endpoint):
     finally:
         os.killpg(head.pid, signal.SIGTERM)
         try:
-            head.wait(timeout=30)
+            head.wait(timeout=5)  # `ray start --block` rarely stops on SIGTERM alone
         except subprocess.TimeoutExpired:
             os.killpg(head.pid, signal.SIGKILL)
         _kill_leftovers(temp_dir)

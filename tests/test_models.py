@@ -28,11 +28,11 @@ def test_official_fixture_reproduces_reference_output(name):
     model = models.load(str(CONFORMANCE / meta["checkpoint"]), meta["arch"], **meta["config"])
     reference = torch.load(CONFORMANCE / meta["io"], weights_only=True)
     assert tuple(reference["input"].shape) == tuple(meta["input_shape"])
-    assert not model.training
+    assert not model.module.training
     with torch.no_grad():
         out = model(reference["input"])
     assert (out - reference["output"]).abs().max().item() <= 1e-5
-    assert sum(p.numel() for p in model.parameters() if p.requires_grad) == meta["trainable_params"]
+    assert sum(p.numel() for p in model.module.parameters() if p.requires_grad) == meta["trainable_params"]
 
 
 @pytest.mark.parametrize("name", FIXTURES)
@@ -40,9 +40,9 @@ def test_official_fixture_loads_without_arguments(name):
     """The architecture and config are inferred from the weights when not given."""
     meta = fixture_meta(name)
     model = models.load(str(CONFORMANCE / meta["checkpoint"]))
-    assert model.checkpoint["arch"] == meta["arch"]
+    assert model.arch == meta["arch"]
     for key, value in meta["config"].items():
-        assert model.checkpoint["config"][key] == value
+        assert model.config[key] == value
 
 
 @pytest.mark.parametrize("arch,cls,count", [("mirnet", models.MIRNet, 31_787_419),
@@ -52,6 +52,39 @@ def test_default_configs_match_official_keys_and_counts(arch, cls, count):
     model = cls()
     assert sum(p.numel() for p in model.parameters() if p.requires_grad) == count == expected["trainable_params"]
     assert {k: list(v.shape) for k, v in model.state_dict().items()} == expected["state_dict"]
+
+
+@pytest.mark.parametrize("arch,config,multiple,channels", [
+    ("mirnet", {"height": 2, "n_feat": 8}, 2, 3), ("mirnet", {"n_feat": 8, "in_channels": 1, "out_channels": 1}, 4, 1),
+    ("mirnet_v2", {"n_feat": 4, "n_RRG": 1, "n_MRB": 1}, 4, 3)])
+def test_loaded_model_facts_come_from_the_architecture(arch, config, multiple, channels):
+    """Size multiple and input channels follow from the config; calling pads any size and crops back."""
+    model = models.build(arch, **config)
+    assert (model.size_multiple, model.in_channels) == (multiple, channels)
+    x = torch.rand(1, channels, 13, 10)
+    with torch.no_grad():
+        out = model(x)
+        padded = model.module(models.pad_to(x, 13 + (-13) % multiple, 10 + (-10) % multiple))
+    assert out.shape == x.shape and torch.equal(out, padded[..., :13, :10])
+
+
+def test_each_architecture_registers_its_variants_as_cards():
+    for arch in models.ARCHITECTURES.values():
+        assert arch.variants
+        for name, variant in arch.variants.items():
+            card = models.get(name)
+            assert card.arch == arch.name and card.config == variant.config and not card.has_weights
+    assert models.get("mirnet-tiny").build().size_multiple == 2
+
+
+def test_reference_round_trip_insists_on_the_checked_bytes(small_model):
+    loaded = models.resolve(small_model)
+    ref = loaded.reference()
+    again = models.LoadedModel.from_reference(ref, loaded.data)
+    assert again.sha256 == loaded.sha256 and again.task == "denoise"
+    other = models.build("mirnet_v2", task="denoise", n_feat=16, n_RRG=1, n_MRB=1)
+    with pytest.raises(CheckpointError, match="differs from the one checked by the driver"):
+        models.LoadedModel.from_reference(ref, other.to_bytes(task="denoise"))
 
 
 def test_mirnet_reproduces_reference_weight_sharing():
@@ -66,7 +99,7 @@ def test_official_yaml_network_g_verbatim():
     network_g = {"type": "MIRNet_v2", "inp_channels": 3, "out_channels": 3, "n_feat": 16, "chan_factor": 1.5,
                  "n_RRG": 4, "n_MRB": 2, "height": 3, "width": 2, "bias": False, "scale": 1, "task": None}
     model = models.load(str(CONFORMANCE / "mirnet_v2_small.pth"), **network_g)
-    assert model.checkpoint["arch"] == "mirnet_v2"
+    assert model.arch == "mirnet_v2"
 
 
 def test_prefixes_and_containers(tmp_path):
@@ -105,17 +138,17 @@ def test_save_load_roundtrip_with_metadata_and_sharing(tmp_path):
     path = tmp_path / "m.safetensors"
     digest = models.save(model, str(path), task="denoise", recipe={"steps": 3})
     loaded = models.load(str(path))
-    assert loaded.checkpoint["task"] == "denoise" and loaded.checkpoint["recipe"] == {"steps": 3}
-    assert loaded.checkpoint["config"]["n_feat"] == 8
+    assert loaded.task == "denoise" and loaded.metadata["recipe"] == {"steps": 3}
+    assert loaded.config["n_feat"] == 8
     x = torch.rand(1, 3, 16, 16)
     with torch.no_grad():
-        assert torch.equal(loaded(x), model.eval()(x))
+        assert torch.equal(loaded(x), model.module.eval()(x))
     assert len(digest) == 64
     # shared tensors are stored once
     from safetensors import safe_open
 
     with safe_open(str(path), "pt") as f:
-        assert len(list(f.keys())) < len(model.state_dict())
+        assert len(list(f.keys())) < len(model.module.state_dict())
 
 
 def test_load_from_fsspec_url():
@@ -124,7 +157,7 @@ def test_load_from_fsspec_url():
     data = (CONFORMANCE / "mirnet_v2_small.pth").read_bytes()
     with fsspec.open("memory://ckpt/v2.pth", "wb") as f:
         f.write(data)
-    assert models.load("memory://ckpt/v2.pth").checkpoint["arch"] == "mirnet_v2"
+    assert models.load("memory://ckpt/v2.pth").arch == "mirnet_v2"
 
 
 class _Payload:
@@ -173,7 +206,7 @@ def test_truncated_file(tmp_path):
 def test_truncated_safetensors(tmp_path):
     model = models.build("mirnet_v2", n_feat=16, n_RRG=1, n_MRB=1)
     path = tmp_path / "cut.safetensors"
-    path.write_bytes(models.checkpoints.to_bytes(model)[:-100])
+    path.write_bytes(model.to_bytes()[:-100])
     with pytest.raises(CheckpointError, match="truncated or corrupt"):
         models.load(str(path))
 
@@ -214,7 +247,7 @@ def test_model_cards_registry():
         models.ModelCard("x", "mirnet", {}, "paint")  # type: ignore[arg-type]
     card = models.register(models.ModelCard("user-model", "mirnet_v2", {"n_feat": 16}, "denoise",
                                             weights=str(CONFORMANCE / "mirnet_v2_small.pth")), replace=True)
-    assert card.load().checkpoint["card"] == "user-model"
+    assert card.load().card.name == "user-model"
 
 
 def test_card_sha256_is_checked(tmp_path):
@@ -232,14 +265,14 @@ def test_models_command_lists_cards():
 # -- non-finite and implausible weights -------------------------------------------------------
 
 
-def small_v2() -> torch.nn.Module:
+def small_v2() -> models.LoadedModel:
     return models.build("mirnet_v2", n_feat=16, n_RRG=1, n_MRB=1)
 
 
 def test_project_checkpoint_with_a_nan_is_refused(tmp_path):
     model = small_v2()
     with torch.no_grad():
-        model.conv_out.weight[0, 0, 0, 0] = float("nan")
+        model.module.conv_out.weight[0, 0, 0, 0] = float("nan")
     path = tmp_path / "nan.safetensors"
     models.save(model, str(path), task="denoise")
     with pytest.raises(CheckpointError, match=r"weights are not finite: 1 non-finite values .* in conv_out\.weight$"):
@@ -255,7 +288,7 @@ def test_project_checkpoint_with_a_nan_is_refused(tmp_path):
 def test_project_checkpoint_scaled_by_1e30_is_refused(tmp_path):
     model = small_v2()
     with torch.no_grad():
-        for p in model.parameters():
+        for p in model.module.parameters():
             p.mul_(1e30)
     path = tmp_path / "huge.safetensors"
     models.save(model, str(path), task="denoise")
@@ -312,12 +345,12 @@ def test_shipped_and_fixture_weights_pass_with_a_wide_margin():
 
 @pytest.fixture
 def nan_restorer(small_model):
-    from pipeline.engine import EngineSettings, ModelSpec, Restorer
+    from pipeline.engine import EngineSettings, Restorer
 
-    module = models.load(small_model)
+    model = models.load(small_model)
     with torch.no_grad():  # poisoned after loading, past the loader's check
-        module.conv_out.weight[0, 0, 0, 0] = float("nan")
-    return Restorer(ModelSpec(module, "v2-nan", "denoise"), EngineSettings(tile=64, overlap=8))
+        model.module.conv_out.weight[0, 0, 0, 0] = float("nan")
+    return Restorer(model, EngineSettings(tile=64, overlap=8))
 
 
 def tiny_image(name: str = "img.png"):
@@ -328,7 +361,8 @@ def tiny_image(name: str = "img.png"):
 
 
 def test_nan_output_raises_instead_of_black(nan_restorer):
-    from pipeline.engine import EngineError, NonFiniteOutputError
+    from pipeline.device_runner import NonFiniteOutputError
+    from pipeline.engine import EngineError
 
     with pytest.raises(NonFiniteOutputError, match=r"NaN/inf values \(non-finite.*--precision") as err:
         nan_restorer.restore_image(tiny_image())

@@ -69,6 +69,7 @@ def s3_photos(bucket, ray_runtime):
     return f"s3://{bucket}/in", f"s3://{bucket}/out", good, corrupt
 
 
+@pytest.mark.slow
 def test_s3_end_to_end_then_rerun_retries_only_failures(s3_photos, small_model):
     src, dst, good, corrupt = s3_photos
     runner = CliRunner()
@@ -152,6 +153,7 @@ def _pixels(path: Path) -> np.ndarray:
     return codecs.decode(path.read_bytes(), str(path)).pages[0].samples
 
 
+@pytest.mark.slow
 def test_resume_after_sigkill_writes_each_output_once(tmp_path, small_model):
     src = tmp_path / "in"
     files = photo_files(30, size=96)
@@ -192,6 +194,7 @@ def test_resume_after_sigkill_writes_each_output_once(tmp_path, small_model):
     assert not list(out.rglob(".mirnet-tmp-*"))
 
 
+@pytest.mark.slow
 def test_two_node_cluster_runs_replicas_on_both_and_workers_get_s3_config(bucket, small_model):
     """Nodes started without AWS variables; the driver has them; replicas on both nodes read S3."""
     # Images large enough that the job outlasts a replica's start-up, so both replicas get work.
@@ -256,7 +259,7 @@ def test_read_decode_and_write_workers_do_not_load_torch():
             "from pipeline.stages import JobSpec; from pipeline.storage import Storage; "
             "from pipeline.settings import EngineSettings; "
             "pickle.loads(pickle.dumps(JobSpec(Storage('a'), Storage('b'), None, 'denoise', None, EngineSettings()))); "
-            "print(sorted(m for m in ('torch', 'models', 'pipeline.engine') if m in sys.modules))")
+            "print(sorted(m for m in ('torch', 'models.loaded', 'models.archs', 'pipeline.engine') if m in sys.modules))")
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert proc.stdout.strip() == "[]"

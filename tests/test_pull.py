@@ -128,6 +128,7 @@ def test_pull_from_github_caches_pins_and_restores(publisher, tmp_path):
     assert refused.exit_code == 2 and "differs from the pinned" in refused.output, refused.output
 
 
+@pytest.mark.slow
 def test_first_use_pulls_and_replicas_get_the_drivers_bytes(publisher, tmp_path, ray_runtime):
     card("test-v1-drive", OfficialSource("model_denoising.pth", gdrive_file="model_denoising.pth"), v1=True)
     write_photos(tmp_path / "in", 3)
@@ -179,9 +180,9 @@ def test_official_cards_name_the_published_files_at_the_papers_configuration():
     for arch in ("mirnet", "mirnet_v2"):
         expected = json.loads((CONFORMANCE / f"{arch}_default_keys.json").read_text())["state_dict"]
         for c in (c for c in cards if c.arch == arch and c.task != "deblur"):
-            built = {k: list(v.shape) for k, v in c.build().state_dict().items() if k in expected}
+            built = {k: list(v.shape) for k, v in c.build().module.state_dict().items() if k in expected}
             assert built == expected, c.name
             assert c.source.licence and "non-commercial" in c.source.licence
             assert c.source.url or c.source.gdrive_file or c.source.gdrive_folder
     deblur = models.get("mirnet-v2-official-deblur-dp")
-    assert deblur.build().conv_in.weight.shape[1] == 6
+    assert deblur.build().module.conv_in.weight.shape[1] == 6

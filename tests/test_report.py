@@ -118,6 +118,7 @@ def test_restore_report_is_written_into_the_manifest(run):
     assert "<script src" not in page and "<link" not in page and "http" not in page.split("<svg")[0]  # self-contained
 
 
+@pytest.mark.slow
 @needs_browser
 def test_report_renders_in_headless_chromium(run, tmp_path):
     path = run["dst"] / f"_manifest/report-{run['run_id']}.html"
@@ -272,7 +273,8 @@ SHOWN_STEPS = [2, 4, 8, 10]  # the first, the last and evenly between (VAL_STEPS
 @pytest.fixture(scope="module")
 def training_run(tmp_path_factory):
     """A real inline training run of 10 steps with two validation images, validated every second step."""
-    from pipeline.train import load_config, run_training
+    from pipeline.training.config import load_config
+    from pipeline.training.launch import run_training
 
     root = tmp_path_factory.mktemp("training")
     (root / "clean").mkdir()
@@ -418,6 +420,7 @@ def test_eval_with_a_target_of_another_size_names_it(evaluation, small_model, tm
     assert not (tmp_path / "e.html").exists()
 
 
+@pytest.mark.slow
 @needs_browser
 def test_training_and_eval_reports_render_in_headless_chromium(training_run, evaluation, tmp_path):
     shot = tmp_path / "training-report.png"  # the test's artefact: look at it

@@ -11,9 +11,9 @@ from PIL import Image
 import models
 from models.checkpoints import sha256_hex
 from pipeline.cli import main
-from pipeline.data import skimage_photo
-from pipeline.degrade import gaussian, low_light
-from pipeline.engine import resize_bicubic
+from pipeline.training.data import skimage_photo
+from pipeline.training.degrade import gaussian, low_light
+from pipeline.imaging import resize_bicubic
 from pipeline.metrics import psnr
 
 REPO = Path(__file__).resolve().parent.parent
@@ -53,7 +53,7 @@ def test_shipped_model_loads_matches_sha_and_improves(name, tmp_path):
     assert card.sha256
     assert HELD_OUT not in str(card.recipe.get("data", {}).get("train"))
     assert sha256_hex(Path(card.weights_uri).read_bytes()) == card.sha256
-    assert card.load().checkpoint["sha256"] == card.sha256
+    assert card.load().sha256 == card.sha256
     clean = clean_crop()
     degraded = degrade(task, scale, clean)
     src, dst = tmp_path / "in.png", tmp_path / "out.png"

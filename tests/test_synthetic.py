@@ -4,9 +4,10 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from pipeline import data, synthetic
-from pipeline.degrade import Degradation
-from pipeline.train import load_config, run_training
+from pipeline.training import data, synthetic
+from pipeline.training.config import load_config
+from pipeline.training.degrade import Degradation
+from pipeline.training.launch import run_training
 
 DEAD_LEAVES = "synthetic://dead_leaves"
 PHOTOS = "skimage://astronaut,rocket"
@@ -19,7 +20,7 @@ def sampler(sources: list, patch: int = 32) -> data.PatchSampler:
 
 
 def draw(s: data.PatchSampler, seed: int, rank: int, step: int, size: int = 4) -> tuple[np.ndarray, np.ndarray]:
-    """A batch as train_worker draws it for (seed, rank, step)."""
+    """A batch as Trainer.draw draws it for (seed, rank, step)."""
     return s.batch(size, np.random.default_rng([seed, rank, step]))
 
 
@@ -117,11 +118,12 @@ def test_source_lists_are_checked():
     assert data.parse_sources(PHOTOS) == [data.Source(PHOTOS, 1.0)]  # a plain string stays valid
 
 
+@pytest.mark.slow
 def test_a_mixed_config_draws_photos_and_synthetic_patches_by_weight():
     cfg = load_config({"name": "mixed", "data": {
         "train": {"clean": [{"source": PHOTOS, "weight": 1}, {"source": DEAD_LEAVES + "?size=48", "weight": 3}]},
         "degradation": {"kind": "gaussian", "sigma": [25, 25]}, "patch": 32}})
-    s = sampler(cfg["data"]["train"]["clean"])
+    s = sampler(cfg.data.train.clean)
     degraded, clean = draw(s, 0, 0, 0, size=64)
     assert degraded.shape == clean.shape == (64, 3, 32, 32) and degraded.dtype == np.float32
     assert 17 < np.abs(degraded - clean).mean() * 255 < 21  # sigma 25: 25 * sqrt(2 / pi) = 19.9, less where clipped

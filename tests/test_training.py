@@ -1,7 +1,9 @@
 """Training on Ray Train from S3 with exact resume; metrics against scikit-image's references."""
 from __future__ import annotations
 
+import dataclasses
 import json
+import pickle
 import subprocess
 import sys
 
@@ -14,9 +16,12 @@ from PIL import Image
 from skimage.color import rgb2ycbcr
 from skimage.metrics import peak_signal_noise_ratio, structural_similarity
 
+import models
 from pipeline import metrics
 from pipeline.cli import main
-from pipeline.train import load_config, lr_at, run_training
+from pipeline.training.config import ConfigError, ExperimentConfig, OptimConfig, RunOptions, load_config
+from pipeline.training.launch import inline_context, run_training
+from pipeline.training.loop import Trainer, lr_at
 
 from .conftest import child_env, photo
 
@@ -39,6 +44,7 @@ def tiny_config(bucket: str) -> dict:
     })
 
 
+@pytest.mark.slow
 def test_train_from_s3_with_two_workers_resume_and_export(bucket, ray_runtime, tmp_path):
     fs = s3fs.S3FileSystem()
     for name in TRAIN_PHOTOS:
@@ -59,7 +65,7 @@ def test_train_from_s3_with_two_workers_resume_and_export(bucket, ray_runtime, t
     assert after, "no steps were recorded after the resume"
     for record in second["history"]:
         assert record["lr"] == pytest.approx(lr_at(record["step"] - 1, cfg), rel=1e-9)
-    assert after[0]["lr"] < cfg["optim"]["lr"]  # mid-schedule, not the warm-up start
+    assert after[0]["lr"] < cfg.optim.lr  # mid-schedule, not the warm-up start
 
     final = second["history"][-1]
     assert final["val_psnr"] > final["val_input_psnr"] + 1.0, final
@@ -138,9 +144,88 @@ def test_num_workers_override_is_checked_against_the_batch(tmp_path):
     result = CliRunner().invoke(main, ["train", str(config), "--num-workers", "3"])
     assert result.exit_code == 2, result.output
     assert "batch_size 8" in result.output and "num_workers 3" in result.output
-    assert load_config(config.read_text(), {"scaling": {"num_workers": 4}})["scaling"]["num_workers"] == 4
+    assert load_config(config.read_text(), {"scaling": {"num_workers": 4}}).scaling.num_workers == 4
 
 
+MINIMAL = {"name": "x", "data": {"train": {"clean": "a"}, "degradation": {"kind": "gaussian"}}}
+
+
+def test_typed_config_refuses_unknown_keys_and_wrong_types_by_dotted_name():
+    cfg = load_config(MINIMAL)
+    assert isinstance(cfg, ExperimentConfig) and isinstance(cfg.optim, OptimConfig)
+    assert cfg.data.train.clean == "a" and cfg.optim.warmup_steps == 1000 // 50  # the default, filled in
+    refused = [
+        ({**MINIMAL, "data": {**MINIMAL["data"], "train": {"clean": "a", "noisy": "b"}}}, None,
+         "unknown config key 'data.train.noisy'"),
+        ({**MINIMAL, "epochs": 3}, None, "unknown config key 'epochs'"),
+        (MINIMAL, {"scaling": {"gpus": 1}}, "unknown config key 'scaling.gpus'"),  # overrides are checked alike
+        ("name: x\ndata: {train: {clean: a}, degradation: {kind: gaussian}}\noptim: {lr: 1e-3}\n", None,
+         "optim.lr must be a number, not '1e-3'"),  # YAML reads 1e-3 (no dot) as a string
+        ({**MINIMAL, "train": {"steps": "many"}}, None, "train.steps must be an integer, not 'many'"),
+        ({**MINIMAL, "validate": None}, None, "validate must be a mapping, not None"),
+        ("name: x\ndata: {train: {clean: a}\n", None, "not valid YAML"),
+        ({**MINIMAL, "data": {**MINIMAL["data"], "degradation": {"kind": "blur"}}}, None,
+         "data.degradation: unknown degradation 'blur'"),
+        ({**MINIMAL, "card": {"size_multiple": 8}}, None, "card: unknown or reserved field.*size_multiple"),
+        ({**MINIMAL, "model": {"config": {"n_feats": 8}}}, None, "model: unknown mirnet_v2 option.*n_feats"),
+    ]
+    for raw, overrides, message in refused:
+        with pytest.raises(ConfigError, match=message) as caught:
+            load_config(raw, overrides)
+        assert isinstance(caught.value, models.UsageError)  # the CLI's exit status 2
+
+
+def test_overrides_are_applied_before_the_config_is_checked():
+    text = "name: x\ndata: {train: {clean: a}, degradation: {kind: gaussian}}\ntrain: {batch_size: 8}\n"
+    with pytest.raises(ConfigError, match="train.batch_size 8 must be divisible by scaling.num_workers 3"):
+        load_config(text, {"scaling": {"num_workers": 3}})
+    unfit = text + "scaling: {num_workers: 3}\n"
+    with pytest.raises(ConfigError, match="num_workers 3"):
+        load_config(unfit)
+    fixed = load_config(unfit, {"scaling": {"num_workers": 4}, "checkpoint": {"dir": "elsewhere"}})
+    assert fixed.scaling.num_workers == 4 and fixed.checkpoint.dir == "elsewhere"
+    assert fixed.scaling.cpus_per_worker == 1 and fixed.checkpoint.every == 100  # the rest of each section stays
+
+
+def _keys(value) -> list[str]:
+    """Every key of nested dicts."""
+    if not isinstance(value, dict):
+        return []
+    return [k for k, v in value.items() for k in [k, *_keys(v)]]
+
+
+def test_run_options_stop_the_loop_and_stay_out_of_the_saved_config(tmp_path):
+    cfg = load_config({
+        "name": "options", "model": {"arch": "mirnet_v2", "config": {"n_feat": 8, "n_RRG": 1, "n_MRB": 1}},
+        "data": {"train": {"clean": "synthetic://dead_leaves?dof=0"}, "degradation": {"kind": "gaussian"},
+                 "patch": 32, "storage_options": {"auto_mkdir": True}},
+        "train": {"steps": 4, "batch_size": 2, "log_every": 1},
+        "checkpoint": {"dir": str(tmp_path / "runs"), "every": 100}, "validate": {"every": 1000},
+    })
+    options = RunOptions(stop_after=2)
+    cfg_back, options_back = pickle.loads(pickle.dumps((cfg, options)))  # as Ray Train hands them to workers
+    assert cfg_back == cfg and options_back == options
+
+    Trainer(cfg, options, inline_context(cfg)).run()  # stops after step 2, with a checkpoint, no export
+    run = tmp_path / "runs" / "options"
+    assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["step-00000002.pt"]
+    assert not (run / "model.safetensors").exists()
+
+    result = run_training(cfg, executor="inline")
+    assert result["resumed_from"] == 2 and result["step"] == 4
+    saved = json.loads((run / "config.json").read_text())
+    state = torch.load(run / "checkpoints" / "step-00000004.pt", weights_only=True)
+    in_checkpoint = json.loads(state["config"])
+    names = [f.name for f in dataclasses.fields(ExperimentConfig)]
+    assert list(saved) == names and list(in_checkpoint) == names
+    for keys in (_keys(saved), _keys(in_checkpoint)):
+        assert not [k for k in keys if k.startswith("_") or k in ("stop_after", "init_sha256", "init_as_given")]
+    # neither file holds the storage options (they may carry credentials)
+    assert in_checkpoint == saved == cfg.public_dict() and "storage_options" not in saved["data"]
+    assert ExperimentConfig.from_dict({**saved, "data": {**saved["data"], "storage_options": {"auto_mkdir": True}}}) == cfg
+
+
+@pytest.mark.slow
 def test_fine_tune_starts_from_the_init_weights(ray_runtime, tmp_path):
     import models
     from models.checkpoints import CheckpointError
@@ -160,9 +245,9 @@ def test_fine_tune_starts_from_the_init_weights(ray_runtime, tmp_path):
     }
     run_training(load_config(raw))
     exported = models.load(str(tmp_path / "runs" / "fine-tune" / "model.safetensors"))
-    assert exported.checkpoint["recipe"]["init"] == {"weights": card.name, "sha256": card.sha256}
-    original = card.load().state_dict()
-    for key, value in exported.state_dict().items():  # a learning rate of 1e-12 leaves the init weights
+    assert exported.metadata["recipe"]["init"] == {"weights": card.name, "sha256": card.sha256}
+    original = card.load().module.state_dict()
+    for key, value in exported.module.state_dict().items():  # a learning rate of 1e-12 leaves the init weights
         assert torch.allclose(value, original[key], atol=1e-6), key
 
     wrong = dict(raw, name="fine-tune-wrong", model={"arch": card.arch, "config": {**card.config, "n_feat": 24}, "init": card.name})
@@ -170,6 +255,7 @@ def test_fine_tune_starts_from_the_init_weights(ray_runtime, tmp_path):
         run_training(load_config(wrong))
 
 
+@pytest.mark.slow
 def test_inline_executor_runs_without_ray_and_matches_ray_train(ray_runtime, tmp_path):
     import models
 
@@ -195,8 +281,8 @@ def test_inline_executor_runs_without_ray_and_matches_ray_train(ray_runtime, tmp
                           capture_output=True, text=True, timeout=300, env=child_env())
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
     assert "step 6" in proc.stdout
-    on_ray = models.load(str(tmp_path / "ray-runs" / "same-run" / "model.safetensors")).state_dict()
-    inline = models.load(str(tmp_path / "inline-runs" / "same-run" / "model.safetensors")).state_dict()
+    on_ray = models.load(str(tmp_path / "ray-runs" / "same-run" / "model.safetensors")).module.state_dict()
+    inline = models.load(str(tmp_path / "inline-runs" / "same-run" / "model.safetensors")).module.state_dict()
     assert on_ray.keys() == inline.keys()
     for key, value in inline.items():  # same seed, same patches, one worker: the same weights
         assert torch.allclose(value, on_ray[key], atol=1e-6), key
@@ -208,7 +294,7 @@ def test_inline_executor_runs_without_ray_and_matches_ray_train(ray_runtime, tmp
 
 
 def test_grey_photos_are_degraded_as_one_channel_and_colour_ones_per_channel():
-    from pipeline.degrade import Degradation
+    from pipeline.training.degrade import Degradation
 
     grey = np.repeat(photo("camera")[:64, :64, None], 3, axis=2).astype(np.float32) / 255
     colour = photo("astronaut")[:64, :64].astype(np.float32) / 255

@@ -191,7 +191,7 @@ def check_good_output(dst: Path, src: Path, key: str) -> None:
         assert icc and icc[16:20] == b"RGB ", "converted through its profile: written with an sRGB one"
 
 
-@pytest.mark.parametrize("executor", ["inline", "ray"])
+@pytest.mark.parametrize("executor", ["inline", pytest.param("ray", marks=pytest.mark.slow)])
 def test_mixed_folder_every_bad_input_fails_alone(tmp_path, small_model, bomb, executor, request):
     if executor == "ray":
         request.getfixturevalue("ray_runtime")
@@ -256,6 +256,7 @@ def run_capped(*args: str) -> subprocess.CompletedProcess:
                           capture_output=True, text=True, timeout=60)  # a hang guard, not a timing assertion
 
 
+@pytest.mark.slow
 def test_bomb_under_memory_cap_fails_alone_quickly(tmp_path, small_model, bomb):
     assert BOMB_SIDE * BOMB_SIDE * 3 > 2 * MEMORY_CAP  # decoding it to samples cannot fit under the cap
     src = tmp_path / "src"
@@ -389,6 +390,7 @@ def test_watcher_catches_a_writer_that_is_not_atomic(tmp_path):
     assert set(watcher.changed()) == {"img0.png", "img1.png", "img2.png"}
 
 
+@pytest.mark.slow
 def test_outputs_are_never_seen_partial(tmp_path, small_model):
     src, dst = tmp_path / "src", tmp_path / "dst"
     names = ["astronaut", "coffee", "chelsea", "rocket", "camera"]

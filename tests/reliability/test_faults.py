@@ -217,6 +217,7 @@ def run_with_mixed_faults(s3_endpoint, bucket, proxy, model: str, executor: str,
     return files, src, fs, stats
 
 
+@pytest.mark.slow
 def test_mixed_faults_inline_lose_no_image(s3_endpoint, bucket, proxy, small_model):
     files, src, fs, stats = run_with_mixed_faults(s3_endpoint, bucket, proxy, small_model, "inline", 47)  # 48 images
     assert all(stats["faults"].get(kind, 0) >= 2 for kind in MIXED), f"fault kinds left out: {stats['faults']}"
@@ -235,6 +236,7 @@ def test_mixed_faults_inline_lose_no_image(s3_endpoint, bucket, proxy, small_mod
     assert read_run_summaries(Storage(f"s3://{bucket}/out"))[-1]["skipped"] == len(files)
 
 
+@pytest.mark.slow
 def test_mixed_faults_ray_lose_no_image(s3_endpoint, bucket, proxy, small_model, ray_runtime):
     proxy.seed = 1  # this small job draws ~27% faults with it (the fixture's seed happens to draw only 15%)
     files, _, _, stats = run_with_mixed_faults(s3_endpoint, bucket, proxy, small_model, "ray", 11)  # 12 images
@@ -246,6 +248,7 @@ def test_mixed_faults_ray_lose_no_image(s3_endpoint, bucket, proxy, small_model,
     assert stats["total_faults"] >= 0.15 * stats["requests"], stats
 
 
+@pytest.mark.slow
 def test_truncated_reads_never_give_a_corrupt_output_or_an_ok_row(s3_endpoint, bucket, proxy, small_model):
     files = photo_files(11, size=64)  # 12 images
     fs = direct_fs(s3_endpoint)
@@ -285,6 +288,7 @@ def test_truncated_reads_never_give_a_corrupt_output_or_an_ok_row(s3_endpoint, b
     assert proxy.faults["truncate"] >= 2 * len(victims), "the failing reads were not retried"
 
 
+@pytest.mark.slow
 def test_well_framed_short_reads_are_caught_by_the_checksum(s3_endpoint, bucket, proxy, small_model):
     """A body cut short with a Content-Length that matches the cut: only S3's CRC32 can tell, and does."""
     files = photo_files(2, size=64)  # 3 images, uploaded by s3fs with an x-amz-checksum-crc32
@@ -305,6 +309,7 @@ def test_well_framed_short_reads_are_caught_by_the_checksum(s3_endpoint, bucket,
     assert proxy.faults["short"] >= 2 * len(files), "the failing reads were not retried"
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("dead", ["closed port", "resets every connection"])
 def test_dead_endpoint_exits_4_with_one_line(s3_endpoint, bucket, small_model, dead):
     """Nothing listening, or an endpoint that resets every connection: exit 4, one 'storage error:' line."""
@@ -331,6 +336,7 @@ def test_dead_endpoint_exits_4_with_one_line(s3_endpoint, bucket, small_model, d
 OUTAGE = 8
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("request_kind", ["image read", "manifest listing"])
 def test_a_short_outage_on_any_one_request_loses_no_image(s3_endpoint, bucket, proxy, small_model, request_kind):
     files = photo_files(3, size=64)

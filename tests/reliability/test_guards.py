@@ -199,6 +199,7 @@ class CountingHandler(http.server.SimpleHTTPRequestHandler):
         pass
 
 
+@pytest.mark.slow
 def test_model_url_is_fetched_once_per_job_and_replicas_run_those_bytes(tmp_path, small_model, ray_runtime):
     served = tmp_path / "served"
     served.mkdir()

@@ -12,12 +12,15 @@ import time
 from collections import Counter
 from pathlib import Path
 
+import pytest
 from click.testing import CliRunner
 
 from pipeline import codecs
 from pipeline.cli import main
 
 from ..test_pipeline import manifest_rows, photo_files
+
+pytestmark = pytest.mark.slow  # the shared Ray runtime, replicas killed mid-run
 
 REPLICA_TITLE = b"RestoreReplica"  # Ray names an actor's worker process after its class
 

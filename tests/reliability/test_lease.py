@@ -103,6 +103,7 @@ def test_a_live_lease_is_renewed_past_its_ttl_and_a_taken_one_is_noticed(tmp_pat
     assert LeaseRecord.parse(Storage(destination).read(LEASE_KEY)).run_id == "usurper", "release clobbered it"
 
 
+@pytest.mark.slow
 def test_second_run_on_a_busy_destination_refuses_and_the_first_completes(tmp_path, small_model):
     src, out = tmp_path / "in", tmp_path / "out"
     files = photo_files(10, size=160)

@@ -107,6 +107,7 @@ def test_a_signed_model_url_is_recorded_without_its_signature(tmp_path, small_mo
     assert FAKE.encode() not in stored and b"X-Amz-Signature=***" in stored
 
 
+@pytest.mark.slow
 def test_ray_job_with_credentials_in_its_runtime_env_runs_and_never_prints_them(bucket, small_model, tmp_path):
     """The reported failure: credentials set by `ray job submit --runtime-env-json` and forwarded by the
     driver clashed, and Ray's error printed the secret. Here a fresh Ray runtime sees both. The run

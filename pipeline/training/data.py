@@ -1,12 +1,14 @@
-"""Training data: image sources, Ray Data loading, patch sampling and augmentation.
+"""Training data: image sources, scikit-image photos, Ray Data loading, patch sampling and
+augmentation.
 
 A source is an fsspec prefix (``s3://bucket/clean``, a local folder),
 ``skimage://name,name,...`` for photographs bundled with scikit-image, or a procedural
-generator (``synthetic://dead_leaves?...``, see :mod:`pipeline.synthetic`) whose images are
+generator (``synthetic://dead_leaves?...``, see :mod:`pipeline.training.synthetic`) whose images are
 drawn anew for every patch. ``data.train.clean`` is one source or a list of sources, each a
 URL or ``{source: URL, weight: W}``: the weights are the shares of patches drawn from each.
 Training pairs are either paired prefixes (degraded and clean with matching relative keys,
 as in SIDD, LOL or RealSR) or clean images with a synthetic degradation applied per patch.
+Sources and images that cannot be used as the config names them raise ``ConfigError``.
 """
 from __future__ import annotations
 
@@ -16,10 +18,12 @@ from typing import Any, Callable
 
 import numpy as np
 
-from . import codecs, synthetic
+from .. import codecs
+from ..imaging import resize_bicubic, to_rgb_float
+from ..storage import Storage
+from . import synthetic
+from .config import ConfigError, SourceSpec
 from .degrade import Degradation
-from .engine import resize_bicubic
-from .storage import Storage
 
 SKIMAGE_SCHEME = "skimage://"
 # Real photographs bundled with scikit-image (no download needed).
@@ -34,7 +38,7 @@ def skimage_photo(name: str) -> np.ndarray:
 
     base, _, index = name.partition(":")
     if base not in SKIMAGE_PHOTOS:
-        raise ValueError(f"unknown scikit-image photo {name!r}; known: {', '.join(SKIMAGE_PHOTOS)}")
+        raise ConfigError(f"unknown scikit-image photo {name!r}; known: {', '.join(SKIMAGE_PHOTOS)}")
     img = getattr(skimage.data, base)()
     if isinstance(img, tuple):
         img = img[int(index or 0)]
@@ -42,13 +46,6 @@ def skimage_photo(name: str) -> np.ndarray:
     if img.ndim == 2:
         img = np.repeat(img[:, :, None], 3, axis=2)
     return np.ascontiguousarray(img[:, :, :3].astype(np.uint8))
-
-
-def to_rgb_float(samples: np.ndarray) -> np.ndarray:
-    """Integer samples (H, W, 1|3) to float32 RGB in [0, 1]."""
-    peak = 65535.0 if samples.dtype == np.uint16 else 255.0
-    img = samples.astype(np.float32) / peak
-    return np.repeat(img, 3, axis=2) if img.shape[2] == 1 else img
 
 
 @dataclass(frozen=True)
@@ -63,9 +60,6 @@ class Source:
         return synthetic.parse(self.url) if synthetic.is_synthetic(self.url) else None
 
 
-SourceSpec = str | list[str | dict[str, Any]]  # a config's data.train.clean
-
-
 def parse_sources(spec: SourceSpec, paired: bool = False) -> list[Source]:
     """The sources of ``data.train.clean``; bad entries and generator parameters are refused."""
     entries = spec if isinstance(spec, list) else [spec]
@@ -74,21 +68,28 @@ def parse_sources(spec: SourceSpec, paired: bool = False) -> list[Source]:
         if isinstance(entry, dict):
             extra = sorted(set(entry) - {"source", "weight"})
             if extra or "source" not in entry:
-                raise ValueError(f"data.train.clean entry {entry!r}: needs 'source' (and optional 'weight'), "
+                raise ConfigError(f"data.train.clean entry {entry!r}: needs 'source' (and optional 'weight'), "
                                  f"not {', '.join(extra) or 'nothing'}")
-            source = Source(str(entry["source"]), float(entry.get("weight", 1.0)))
+            try:
+                source = Source(str(entry["source"]), float(entry.get("weight", 1.0)))
+            except (TypeError, ValueError):
+                raise ConfigError(f"data.train.clean {entry['source']}: weight must be a number, "
+                                  f"not {entry.get('weight')!r}") from None
         elif isinstance(entry, str) and entry:
             source = Source(entry)
         else:
-            raise ValueError(f"data.train.clean entry {entry!r} is not a source URL")
+            raise ConfigError(f"data.train.clean entry {entry!r} is not a source URL")
         if not source.weight > 0:
-            raise ValueError(f"data.train.clean {source.url}: weight must be positive, not {source.weight}")
-        _ = source.generator  # a bad generator URL or parameter fails here
+            raise ConfigError(f"data.train.clean {source.url}: weight must be positive, not {source.weight}")
+        try:
+            _ = source.generator  # a bad generator URL or parameter fails here
+        except ValueError as exc:
+            raise ConfigError(str(exc)) from None
         sources.append(source)
     if not sources:
-        raise ValueError("data.train.clean names no source")
+        raise ConfigError("data.train.clean names no source")
     if paired and (len(sources) > 1 or sources[0].generator is not None):
-        raise ValueError("paired training data (data.train.degraded) needs one clean photo source")
+        raise ConfigError("paired training data (data.train.degraded) needs one clean photo source")
     return sources
 
 
@@ -106,7 +107,7 @@ def map_urls(spec: SourceSpec | None, fn: Callable[[str], str]) -> SourceSpec | 
 
 def _no_keys(source: str) -> None:
     if synthetic.is_synthetic(source):
-        raise ValueError(f"{source} is drawn per training patch: it has no fixed images (use photos for validation)")
+        raise ConfigError(f"{source} is drawn per training patch: it has no fixed images (use photos for validation)")
 
 
 def list_keys(source: str, options: dict[str, Any] | None = None) -> list[str]:
@@ -122,8 +123,7 @@ def load_image(source: str, key: str, options: dict[str, Any] | None = None) -> 
     if source.startswith(SKIMAGE_SCHEME):
         return to_rgb_float(skimage_photo(key))
     storage = Storage(source, options or {})
-    image = codecs.decode(storage.read(key), storage.display(key))
-    return to_rgb_float(image.pages[0].samples)
+    return codecs.decode_rgb_float(storage.read(key), storage.display(key))
 
 
 @dataclass
@@ -152,7 +152,7 @@ def training_keys(clean: SourceSpec, options: dict[str, Any] | None = None) -> l
         if source.generator is None:
             found = list_keys(source.url, options)
             if not found:
-                raise ValueError(f"no training images found under {source.url}")
+                raise ConfigError(f"no training images found under {source.url}")
             keys += [(index, k) for k in found]
     return keys
 
@@ -209,14 +209,14 @@ class PatchSampler:
         sources = sources or [Source("photos")]
         self.generators = {i: s.generator for i, s in enumerate(sources) if s.generator is not None}
         if degradation is None and (self.generators or any(p.degraded is None for p in pairs)):
-            raise ValueError("unpaired training data needs a degradation")
+            raise ConfigError("unpaired training data needs a degradation")
         # Sorted: a worker draws the same patches however its shard's rows arrived.
         self.pairs = sorted(pairs, key=lambda p: (p.source, p.key))
         self.by_source = {i: [p for p in self.pairs if p.source == i] for i in range(len(sources))}
         # A photo source with no image in this worker's shard gives its share to the others.
         self.choices = [i for i in range(len(sources)) if i in self.generators or self.by_source[i]]
         if not self.choices:
-            raise ValueError("no training pairs on this worker")
+            raise ConfigError("no training pairs on this worker")
         weights = np.array([sources[i].weight for i in self.choices])
         self.cumulative = np.cumsum(weights / weights.sum())
         self.patch, self.degradation = patch, degradation
@@ -275,7 +275,7 @@ def validation_pairs(pairs: list[Pair], degradation: Degradation | None, seed: i
         degraded = pair.degraded
         if degraded is None:
             if degradation is None:
-                raise ValueError("unpaired validation data needs a degradation")
+                raise ConfigError("unpaired validation data needs a degradation")
             degraded = degradation(pair.clean, np.random.default_rng(seed + i))
         out.append((pair.key, degraded.astype(np.float32), pair.clean))
     return out

@@ -12,7 +12,7 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
-from .engine import resize_bicubic
+from ..imaging import quantise, resize_bicubic, to_float
 
 KINDS = ("gaussian", "poisson_gaussian", "low_light", "sr", "jpeg")
 
@@ -48,11 +48,11 @@ def bicubic_sr(img: np.ndarray, scale: int) -> np.ndarray:
 
 
 def jpeg(img: np.ndarray, quality: int) -> np.ndarray:
-    arr = np.rint(np.clip(img, 0, 1) * 255).astype(np.uint8)
+    arr = quantise(img, 255.0, np.dtype(np.uint8))
     pil = Image.fromarray(arr[:, :, 0] if arr.shape[2] == 1 else arr)
     buffer = io.BytesIO()
     pil.save(buffer, "JPEG", quality=int(quality))
-    out = np.asarray(Image.open(io.BytesIO(buffer.getvalue()))).astype(np.float32) / 255
+    out = to_float(np.asarray(Image.open(io.BytesIO(buffer.getvalue()))))
     return out.reshape(img.shape)
 
 

@@ -1,0 +1,54 @@
+"""The command line: `mirnet restore` end to end through click, its error messages and exit codes."""
+from __future__ import annotations
+
+from click.testing import CliRunner
+from PIL import Image
+
+import models
+from pipeline.cli import main
+
+from .conftest import photo
+
+
+def test_sr_doubles_size(tmp_path, small_model):
+    model = models.load(small_model)
+    sr_path = tmp_path / "sr2.safetensors"
+    models.save(model, str(sr_path), task="sr", scale=2)
+    src = tmp_path / "low.png"
+    Image.fromarray(photo("chelsea")[:150, :200]).save(src)
+    result = CliRunner().invoke(main, ["restore", str(src), str(tmp_path / "high.png"), "--model", str(sr_path),
+                                       "--task", "sr", "--scale", "2", "--quiet"])
+    assert result.exit_code == 0, result.output
+    assert Image.open(tmp_path / "high.png").size == (400, 300)
+
+
+def test_cli_errors_name_file_and_reason(tmp_path, small_model):
+    runner = CliRunner()
+    bad = tmp_path / "broken.png"
+    bad.write_bytes(b"not an image at all")
+    result = runner.invoke(main, ["restore", str(bad), str(tmp_path / "o.png"), "--model", small_model, "--quiet"])
+    assert result.exit_code == 1
+    assert "broken.png" in result.output and "not a recognised image" in result.output
+    gif = tmp_path / "anim.gif"
+    Image.fromarray(photo("camera")[:32, :32]).save(gif)
+    result = runner.invoke(main, ["restore", str(gif), str(tmp_path / "o.png"), "--model", small_model,
+                                  "--quiet", "--include", "*.gif"])
+    assert result.exit_code == 1 and "anim.gif: unsupported" in result.output
+    ok = tmp_path / "ok.png"
+    Image.fromarray(photo("camera")[:32, :32]).save(ok)
+    result = runner.invoke(main, ["restore", str(ok), str(tmp_path / "o.png"), "--model", small_model,
+                                  "--task", "enhance"])
+    assert result.exit_code == 2 and "restores 'denoise', not 'enhance'" in result.output
+
+
+def test_task_without_weights_says_so(tmp_path, monkeypatch):
+    from models import cards
+
+    monkeypatch.setattr(cards, "_REGISTRY", {k: v for k, v in cards._REGISTRY.items() if v.task != "deblur"})
+    cards.register(cards.ModelCard("deblur-untrained", "mirnet_v2", {}, "deblur"))
+    src = tmp_path / "a.png"
+    Image.fromarray(photo("camera")[:32, :32]).save(src)
+    result = CliRunner().invoke(main, ["restore", str(src), str(tmp_path / "b.png"), "--task", "deblur"])
+    assert result.exit_code == 2
+    assert "no trained weights are available for task 'deblur'" in result.output
+    assert not (tmp_path / "b.png").exists()

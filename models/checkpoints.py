@@ -73,9 +73,20 @@ def read_bytes(path: str, storage_options: Mapping[str, Any] | None = None) -> b
         with fsspec.open(path, "rb", **(storage_options or {})) as f:
             return f.read()
     except FileNotFoundError as exc:
-        raise CheckpointError(path, "file not found") from exc
+        unreachable = _connection_cause(exc)  # fsspec's HTTP filesystem says "not found" for a dead host
+        raise CheckpointError(path, f"cannot reach it ({unreachable})" if unreachable else "file not found") from exc
     except OSError as exc:
         raise CheckpointError(path, f"cannot read file ({exc})") from exc
+
+
+def _connection_cause(exc: BaseException) -> str | None:
+    """The message of a connection failure behind ``exc``, if one is in its chain of causes."""
+    seen = exc.__cause__ or exc.__context__
+    while seen is not None:
+        if isinstance(seen, ConnectionError) or "Connect" in type(seen).__name__:
+            return str(seen)
+        seen = seen.__cause__ or seen.__context__
+    return None
 
 
 def sha256_hex(data: bytes) -> str:

@@ -208,7 +208,13 @@ def resolve(model: str | None, task: str | None = None, scale: int | None = None
     elif (card := lookup(model)) is not None:
         loaded = LoadedModel.from_card(card)
     else:
-        loaded = load(model, storage_options=storage_options, task=task, scale=scale)
+        try:
+            loaded = load(model, storage_options=storage_options, task=task, scale=scale)
+        except CheckpointError as exc:
+            if exc.reason == "file not found" and "://" not in model and "/" not in model and "." not in model:
+                raise ModelRequestError(f"{model!r} is neither a model card (see `mirnet models`) nor a "
+                                        "checkpoint file") from None
+            raise
     if loaded.task is None:
         raise ModelRequestError(f"{model}: the checkpoint does not record its task; pass --task")
     if loaded.task == "sr" and loaded.scale == 1:

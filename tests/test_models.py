@@ -380,3 +380,17 @@ def test_nan_output_marks_the_row_failed(nan_restorer):
         assert row["status"] == "failed" and "restored" not in row and "image" not in row
         assert row["error_class"] == "NonFiniteOutputError"
         assert "non-finite" in row["error_message"]
+
+
+def test_a_bare_unknown_name_and_a_dead_host_are_told_apart_from_a_missing_file():
+    import socket
+
+    with pytest.raises(models.ModelRequestError, match="'no-such-card' is neither a model card"):
+        models.resolve("no-such-card")
+    with socket.socket() as s:  # a port nothing listens on
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    with pytest.raises(CheckpointError, match=rf"127.0.0.1:{port}/m.pth: cannot reach it \(.*Connect"):
+        models.load(f"http://127.0.0.1:{port}/m.pth")
+    with pytest.raises(CheckpointError, match="file not found"):
+        models.resolve("/nonexistent/m.pth")

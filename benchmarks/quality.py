@@ -123,11 +123,9 @@ def measure(methods: dict[str, Method], pairs: list[tuple[str, np.ndarray, np.nd
     return {label: mean_scores(r) for label, r in rows.items()}
 
 
-def model_methods(cards: list[models.ModelCard], prepare: Method = lambda degraded, clean: degraded
-                  ) -> dict[str, Method]:
-    """Each card's model as a method; ``prepare`` makes its input from the degraded image."""
-    return {card.name: (lambda degraded, clean, run=restore_with(card): run(prepare(degraded, clean)))
-            for card in cards}
+def model_methods(cards: list[models.ModelCard]) -> dict[str, Method]:
+    """Each card's model as a method on the degraded image."""
+    return {card.name: (lambda degraded, clean, run=restore_with(card): run(degraded)) for card in cards}
 
 
 def clean_photos() -> list[tuple[str, np.ndarray]]:
@@ -147,7 +145,8 @@ def evaluate_denoise(cards: list[models.ModelCard]) -> dict[str, Section]:
 
 
 def evaluate_sr(cards: list[models.ModelCard]) -> dict[str, Section]:
-    """Models get the bicubic upsampling as input, so their time includes the bicubic step."""
+    """Models get the low-resolution image and upsample it themselves (bicubic, inside the engine, as
+    `mirnet restore` does), so their time includes the bicubic step."""
     results = {}
     for s in sorted({card.scale for card in cards}):
         pairs = []
@@ -156,7 +155,7 @@ def evaluate_sr(cards: list[models.ModelCard]) -> dict[str, Section]:
             low = quantise(resize_bicubic(clean[:h, :w], h // s, w // s))
             pairs.append((name, clean[:h, :w], low))
         upsample = lambda low, clean: quantise(resize_bicubic(low, *clean.shape[:2]))  # noqa: E731
-        methods = model_methods([c for c in cards if c.scale == s], prepare=upsample)
+        methods = model_methods([c for c in cards if c.scale == s])  # the engine upsamples, as in `mirnet restore`
         results[f"sr x{s}"] = measure({**methods, "bicubic": upsample}, pairs, crop=s)
     return results
 

@@ -31,7 +31,13 @@ if TYPE_CHECKING:
     from .mirnet_v2 import MIRNetV2
 
 
+_SUBMODULES = ("architecture", "archs", "blocks", "cards", "checkpoints", "errors", "loaded", "mirnet", "mirnet_v2",
+               "official", "tasks")
+
+
 def __getattr__(name: str) -> Any:
+    if name in _SUBMODULES:  # models.checkpoints, models.official, ... without importing them first
+        return importlib.import_module(f".{name}", __name__)
     if name not in _HOMES:
         raise AttributeError(f"module 'models' has no attribute {name!r}")
     value = getattr(importlib.import_module(f".{_HOMES[name]}", __name__), name)

@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .archs import architecture, build_module, canonical_arch, check_config, infer_arch_config
-from .cards import ModelCard, default_for, lookup
+from .cards import ModelCard, NoWeightsError, default_for, lookup
 from .checkpoints import Checkpoint, CheckpointError, load_weights, read_bytes, read_checkpoint, to_bytes
 from .errors import UsageError
 from .tasks import TASKS
@@ -104,8 +104,6 @@ class LoadedModel:
 
         ``data``: the checkpoint's bytes, already read (a replica gets them from the driver).
         """
-        from .cards import NoWeightsError
-
         data = data if data is not None else card.weight_bytes()
         if data is None and not card.has_weights:
             raise NoWeightsError(f"model {card.name!r} ({card.task}) has no trained weights available")

@@ -204,10 +204,3 @@ def latest_rows(table: pa.Table, columns: Iterable[str] = FIELDS) -> dict[str, d
     names = list(dict.fromkeys(["key", *columns]))
     values = [kept[name].to_pylist() for name in names]
     return {row[0]: dict(zip(names, row)) for row in zip(*values)}
-
-
-def rows_by_status(rows: Iterable[dict[str, Any]]) -> dict[str, int]:
-    counts: dict[str, int] = {}
-    for row in rows:
-        counts[row["status"]] = counts.get(row["status"], 0) + 1
-    return counts

@@ -20,7 +20,7 @@ from .storage import worker_runtime_env
 
 
 class RuntimeEnvError(UsageError, ValueError):
-    """The runtime env given for the workers is not usable."""
+    """The runtime env given for the workers, or the request to Ray, is not usable."""
 
 
 def connect(address: str | None = None, num_cpus: int | None = None,
@@ -45,7 +45,9 @@ def connect(address: str | None = None, num_cpus: int | None = None,
         else:
             ray.init(address="local", num_cpus=num_cpus, include_dashboard=False, **common)
     except Exception as exc:  # Ray's messages quote the runtime env, credentials included
-        raise type(exc)(redact(str(exc))) if isinstance(exc, (ValueError, ConnectionError)) else RuntimeError(
+        if isinstance(exc, ValueError):  # Ray refused the request (runtime env, address): the user's to change
+            raise RuntimeEnvError(f"Ray refused the request: {redact(str(exc))}") from None
+        raise type(exc)(redact(str(exc))) if isinstance(exc, ConnectionError) else RuntimeError(
             f"could not start or join Ray: {redact(str(exc))}") from None
     for name in ("ray", "ray.data", "ray.train"):
         logging.getLogger(name).setLevel(logging.ERROR)

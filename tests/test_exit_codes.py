@@ -138,3 +138,19 @@ def test_exit_status_table():
     assert exit_status(DestinationBusy("busy")) == exit_status(LeaseLost("lost")) == 5
     bugs = [KeyError("k"), ValueError("v"), TypeError("t"), AttributeError("a"), RuntimeError("r"), OSError("o")]
     assert [exit_status(e) for e in bugs] == [3] * len(bugs)
+
+
+def test_a_request_ray_refuses_is_a_usage_error(monkeypatch):
+    """ray.init's ValueError (a bad runtime env or address) exits 2 like before, not as a bug."""
+    import ray
+
+    from pipeline import cli, ray_runtime
+
+    def refuse(**kwargs):
+        raise ValueError("runtime_env has an unknown field 'pipp'")
+
+    monkeypatch.setattr(ray, "is_initialized", lambda: False)
+    monkeypatch.setattr(ray, "init", refuse)
+    with pytest.raises(ray_runtime.RuntimeEnvError, match="Ray refused the request: runtime_env has an unknown") as err:
+        ray_runtime.connect("127.0.0.1:1")
+    assert cli.exit_status(err.value) == 2

@@ -1,10 +1,12 @@
-"""Images/s of the Ray pipeline against a plain single-process loop, same engine and model.
+"""Images/s of the Ray pipeline and the in-process executor against a plain loop, same engine and model.
 
-The loop decodes, restores (torch using every core) and encodes one image after
-another. The pipeline runs the same stages as a Ray Data graph on an embedded local
-runtime (started before timing; its start-up time is printed separately). The
-end-to-end ratio includes the replicas' start-up; the steady ratio compares the rates
-between each run's first and last finished image (from the manifests).
+The plain loop is what a hand-written script does: read, decode, restore (torch using
+every core), encode and write one image after another in one process. The in-process
+executor (``--executor inline``) and the Ray pipeline (``--executor ray``, on an embedded
+local runtime) run the project's stages. Every end-to-end time includes its own
+start-up: loading the model for the loops, starting the runtime (given separately too)
+and the replicas for Ray. The steady rates are between each run's first and last
+finished image.
 
     python -m benchmarks.pipeline_throughput [--images 24] [--size 256] [--model NAME_OR_PATH]
         [--replica-share 0.75] [--light-cpus 0.25]   # Ray's CPU shares (pipeline/graph.py), to size them
@@ -39,6 +41,23 @@ def make_inputs(folder: Path, count: int, size: int) -> None:
         Image.fromarray(noisy).save(folder / f"img{i:03d}.png")
 
 
+def plain_loop(src: Path, dst: Path, model: str) -> tuple[float, float]:
+    """(seconds end to end, steady images/s) of the plain loop over ``src``'s files."""
+    import models
+    from pipeline import codecs
+    from pipeline.engine import Restorer
+
+    start = time.perf_counter()
+    restorer = Restorer(models.resolve(model, "denoise"))
+    dst.mkdir()
+    finished = []
+    for path in sorted(src.iterdir()):
+        image = codecs.decode(path.read_bytes(), path.name)
+        (dst / path.name).write_bytes(codecs.encode(image, restorer.restore_image(image), image.format))
+        finished.append(time.perf_counter())
+    return finished[-1] - start, (len(finished) - 1) / (finished[-1] - finished[0])
+
+
 def steady_rate(output: Path) -> float:
     """Images/s between the first and the last finished image (start-up excluded), from the manifest."""
     from pipeline.manifest import read_manifest
@@ -66,44 +85,42 @@ def main() -> dict:
     model = args.model or models.default_for("denoise").name
     cpus = os.cpu_count() or 1
 
-    from pipeline.engine import EngineSettings, Restorer
+    from pipeline.engine import EngineSettings
     from pipeline.ray_runtime import connect
     from pipeline.plan import make_plan
     from pipeline.runner import execute
     from pipeline.stages import JobSpec
 
-    settings = EngineSettings()
     with tempfile.TemporaryDirectory() as tmp:
         src = Path(tmp) / "in"
         src.mkdir()
         make_inputs(src, args.images, args.size)
-
         torch.set_num_threads(cpus)
-        restorer = Restorer(models.resolve(model, "denoise"), settings)
-        plan = make_plan(str(src), str(Path(tmp) / "loop"))
-        spec = JobSpec(plan.source, plan.output, model, "denoise", None, settings)
-        start = time.perf_counter()
-        loop = execute(plan, spec, executor="inline", quiet=True, restorer=restorer)
-        loop_seconds = time.perf_counter() - start
-
-        start = time.perf_counter()
-        connect()
-        startup = time.perf_counter() - start
-        plan = make_plan(str(src), str(Path(tmp) / "ray"))
-        spec = JobSpec(plan.source, plan.output, model, "denoise", None, settings)
-        start = time.perf_counter()
-        ray_result = execute(plan, spec, executor="ray", quiet=True)
-        ray_seconds = time.perf_counter() - start
-        steady = {name: steady_rate(Path(tmp) / name) for name in ("loop", "ray")}
-    assert loop.ok == ray_result.ok == args.images
+        plain_seconds, plain_steady = plain_loop(src, Path(tmp) / "plain", model)
+        seconds, steady = {}, {}
+        for executor in ("inline", "ray"):
+            start = time.perf_counter()
+            if executor == "ray":
+                connect()
+                startup = time.perf_counter() - start
+            plan = make_plan(str(src), str(Path(tmp) / executor))
+            spec = JobSpec(plan.source, plan.output, model, "denoise", None, EngineSettings())
+            result = execute(plan, spec, executor=executor, quiet=True)
+            seconds[executor] = time.perf_counter() - start
+            steady[executor] = steady_rate(Path(tmp) / executor)
+            assert result.ok == args.images, result.failures[:1]
+    rate = {name: round(args.images / value, 3) for name, value in seconds.items()}
     report = {"images": args.images, "size": args.size, "model": model, "cpus": cpus,
               "replica_share": graph.CPU_REPLICA_SHARE, "light_task_cpus": graph.LIGHT_TASK_CPUS,
-              "loop_images_per_s": round(args.images / loop_seconds, 3),
-              "pipeline_images_per_s": round(args.images / ray_seconds, 3),
-              "ratio_pipeline_over_loop": round(loop_seconds / ray_seconds, 3),
+              "plain_loop_images_per_s": round(args.images / plain_seconds, 3),
+              "inline_images_per_s": rate["inline"], "pipeline_images_per_s": rate["ray"],
+              "ratio_pipeline_over_plain_loop": round(plain_seconds / seconds["ray"], 3),
+              "ratio_inline_over_plain_loop": round(plain_seconds / seconds["inline"], 3),
+              "ratio_pipeline_over_inline": round(seconds["inline"] / seconds["ray"], 3),
               "ray_startup_s": round(startup, 1),
-              "steady_loop_images_per_s": steady["loop"], "steady_pipeline_images_per_s": steady["ray"],
-              "steady_ratio": round(steady["ray"] / steady["loop"], 3)}
+              "steady_plain_loop_images_per_s": round(plain_steady, 3),
+              "steady_inline_images_per_s": steady["inline"], "steady_pipeline_images_per_s": steady["ray"],
+              "steady_ratio_pipeline_over_plain_loop": round(steady["ray"] / plain_steady, 3)}
     return emit(report, args.json)
 
 

@@ -1,11 +1,13 @@
 """Quality and speed of the shipped models against classical baselines, on held-out photos.
 
-Validation photos (never used for training): scikit-image's chelsea, camera and coffee.
+Validation photos (never used for training): scikit-image's chelsea, camera and coffee, at
+full size and as 256x256 crops (four per photo, on a 2x2 grid; --crop 0 skips them).
 Degradations are the training code's (pipeline.training.degrade.Degradation), so the grey photo
 (camera) is degraded as the one-channel image it would arrive as.
-- denoise: Gaussian noise at sigma 15 / 25 / 50 (seeded); the shipped model, CBM3D
-  (PyPI `bm3d`; BM3D for the grey photo) and scikit-image's non-local means, against the
-  noisy input. Timings are per image on this machine's CPU.
+- denoise: Gaussian noise at sigma 15 / 25 / 50 (seeded); the shipped models, the default
+  one with the x8 self-ensemble (`--tta`) too, CBM3D (PyPI `bm3d`; BM3D for the grey photo)
+  and scikit-image's non-local means, against the noisy input. Timings are per image on
+  this machine's CPU.
 - sr x2 / x4: bicubic down, then the model (whose input is the bicubic upsampling)
   against plain bicubic; PSNR/SSIM on RGB and Y with `scale` border pixels cropped.
 - enhance: the clean photos darkened five ways (exposure x0.1, x0.25, x0.5; gamma 2.2; the
@@ -35,7 +37,7 @@ import models
 from models.cards import WEIGHTS_DIR
 from pipeline.training.data import skimage_photo
 from pipeline.training.degrade import Degradation, is_grey
-from pipeline.engine import Restorer, restore_array
+from pipeline.engine import EngineSettings, Restorer, restore_array
 from pipeline.imaging import as_8bit, resize_bicubic
 from pipeline.metrics import score
 
@@ -47,9 +49,9 @@ SIGMAS = (15, 25, 50)
 quantise = as_8bit  # what an 8-bit file of the image holds
 
 
-def restore_with(card: models.ModelCard) -> Callable[[np.ndarray], np.ndarray]:
+def restore_with(card: models.ModelCard, tta: bool = False) -> Callable[[np.ndarray], np.ndarray]:
     model = card.load()
-    restorer = Restorer(model)
+    restorer = Restorer(model, EngineSettings(tta=tta))
 
     def run(img: np.ndarray) -> np.ndarray:
         return as_8bit(restore_array(img.astype(np.float32), model, restorer=restorer))
@@ -123,34 +125,53 @@ def measure(methods: dict[str, Method], pairs: list[tuple[str, np.ndarray, np.nd
     return {label: mean_scores(r) for label, r in rows.items()}
 
 
-def model_methods(cards: list[models.ModelCard]) -> dict[str, Method]:
-    """Each card's model as a method on the degraded image."""
-    return {card.name: (lambda degraded, clean, run=restore_with(card): run(degraded)) for card in cards}
+def model_methods(cards: list[models.ModelCard], tta: bool = False) -> dict[str, Method]:
+    """Each card's model as a method on the degraded image (labelled ``NAME --tta`` with the self-ensemble)."""
+    return {card.name + (" --tta" if tta else ""): (lambda degraded, clean, run=restore_with(card, tta): run(degraded))
+            for card in cards}
 
 
-def clean_photos() -> list[tuple[str, np.ndarray]]:
+Photos = list[tuple[str, np.ndarray]]  # (name, clean float32 HWC in 0..1)
+
+
+def clean_photos() -> Photos:
     return [(name, skimage_photo(name).astype(np.float32) / 255) for name in VALIDATION]
 
 
-def evaluate_denoise(cards: list[models.ModelCard]) -> dict[str, Section]:
+CROP_GRID = 2  # crops per photo: CROP_GRID x CROP_GRID
+
+
+def crops(photos: Photos, size: int) -> Photos:
+    """``size``-square crops of each photo on an evenly spaced CROP_GRID x CROP_GRID grid (corners included)."""
+    out = []
+    for name, clean in photos:
+        for y in np.linspace(0, clean.shape[0] - size, CROP_GRID).astype(int):
+            for x in np.linspace(0, clean.shape[1] - size, CROP_GRID).astype(int):
+                out.append((f"{name}@{y},{x}", clean[y:y + size, x:x + size]))
+    return out
+
+
+def evaluate_denoise(cards: list[models.ModelCard], photos: Photos) -> dict[str, Section]:
+    default = [c for c in cards if c.name == models.default_for("denoise").name]
     results = {}
     for sigma in SIGMAS:
         noise = Degradation("gaussian", sigma=(sigma, sigma))
         pairs = [(name, clean, quantise(noise(clean, np.random.default_rng(100 + i))))
-                 for i, (name, clean) in enumerate(clean_photos())]
-        methods = {**model_methods(cards), "cbm3d": lambda noisy, clean: cbm3d(noisy, sigma),
+                 for i, (name, clean) in enumerate(photos)]
+        methods = {**model_methods(cards), **model_methods(default, tta=True),
+                   "cbm3d": lambda noisy, clean: cbm3d(noisy, sigma),
                    "nl_means": lambda noisy, clean: nl_means(noisy, sigma), "input": lambda noisy, clean: noisy}
         results[f"denoise sigma{sigma}"] = measure(methods, pairs)
     return results
 
 
-def evaluate_sr(cards: list[models.ModelCard]) -> dict[str, Section]:
+def evaluate_sr(cards: list[models.ModelCard], photos: Photos) -> dict[str, Section]:
     """Models get the low-resolution image and upsample it themselves (bicubic, inside the engine, as
     `mirnet restore` does), so their time includes the bicubic step."""
     results = {}
     for s in sorted({card.scale for card in cards}):
         pairs = []
-        for name, clean in clean_photos():
+        for name, clean in photos:
             h, w = clean.shape[0] // s * s, clean.shape[1] // s * s
             low = quantise(resize_bicubic(clean[:h, :w], h // s, w // s))
             pairs.append((name, clean[:h, :w], low))
@@ -169,7 +190,7 @@ DARKENINGS: dict[str, Callable[[np.ndarray, np.random.Generator], np.ndarray]] =
 }
 
 
-def evaluate_enhance(cards: list[models.ModelCard]) -> dict[str, Section]:
+def evaluate_enhance(cards: list[models.ModelCard], photos: Photos) -> dict[str, Section]:
     """Each darkening of the clean photos, stored as 8-bit files, against auto-levels, gamma and CLAHE."""
     baselines: dict[str, Method] = {"percentile stretch": lambda dark, clean: percentile_stretch(dark),
                                     "gamma": lambda dark, clean: auto_gamma(dark),
@@ -177,19 +198,23 @@ def evaluate_enhance(cards: list[models.ModelCard]) -> dict[str, Section]:
     results = {}
     for label, darken in DARKENINGS.items():
         pairs = [(name, clean, quantise(darken(clean, np.random.default_rng(200 + i))))
-                 for i, (name, clean) in enumerate(clean_photos())]
+                 for i, (name, clean) in enumerate(photos)]
         results[f"enhance {label}"] = measure({**model_methods(cards), **baselines}, pairs)
     return results
 
 
-EVALUATORS: dict[str, Callable[[list[models.ModelCard]], dict[str, Section]]] = {
+EVALUATORS: dict[str, Callable[[list[models.ModelCard], Photos], dict[str, Section]]] = {
     "denoise": evaluate_denoise, "sr": evaluate_sr, "enhance": evaluate_enhance}
+
+
+CROPS = ", {size}x{size} crops"  # the suffix of a crop section's name
 
 
 def markdown(results: dict[str, Section]) -> str:
     lines = []
     for section, methods in results.items():
-        lines.append(f"\n**{section}** (mean of {', '.join(VALIDATION)})\n")
+        over = f"{CROP_GRID ** 2} crops of each" if section.endswith(" crops") else "the full photos"
+        lines.append(f"\n**{section}** (mean over {over}: {', '.join(VALIDATION)})\n")
         lines.append("| method | PSNR (dB) | SSIM | PSNR-Y (dB) | colour cast (levels) | seconds / image "
                      "| seconds / MP |")
         lines.append("|---|---:|---:|---:|---:|---:|---:|")
@@ -215,6 +240,7 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results"))
     parser.add_argument("--update-cards", action="store_true")
     parser.add_argument("--threads", type=int, default=None)
+    parser.add_argument("--crop", type=int, default=256, help="side of the crop sections (0: full photos only)")
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -223,7 +249,11 @@ def main() -> None:
     for task, evaluate in EVALUATORS.items():
         cards = [c for c in shipped if c.task == task]
         if cards:
-            results.update(evaluate(cards))
+            results.update(evaluate(cards, clean_photos()))
+            if args.crop:
+                suffix = CROPS.format(size=args.crop)
+                results.update({name + suffix: section
+                                for name, section in evaluate(cards, crops(clean_photos(), args.crop)).items()})
             print(task, "done", flush=True)
     if args.update_cards:
         for card in shipped:

@@ -139,8 +139,8 @@ def main(verbose: bool) -> None:
 @click.option("--num-gpus", type=int, help="GPU replicas (default: every GPU; 0 for CPU replicas).")
 @click.option("--replicas", type=int, help="CPU replicas (default: CPUs / cpus-per-replica).")
 @click.option("--cpus-per-replica", type=int, help="Torch threads per CPU replica (default 1, or 4 on >4 CPUs).")
-@click.option("--images-per-batch", type=int, default=4, show_default=True,
-              help="Images per replica call; their tiles share device batches.")
+@click.option("--images-per-batch", type=int,
+              help="Images per replica call; their tiles share device batches (default: 4 on GPUs, 1 on CPUs).")
 @click.option("--num-cpus", type=int, help="CPUs of the embedded Ray runtime (default: all).")
 @click.option("--runtime-env", help="JSON Ray runtime env for the workers; the storage credentials of this "
                                     "shell are merged into it (its own env_vars win).")
@@ -172,7 +172,7 @@ def restore(src: str, dst: str, task: str | None, model: str | None, scale: str 
             tile: int | None, overlap: int, batch_size: int | None, precision: str, device: str | None,
             tta: bool, compile_model: bool,
             address: str | None, num_gpus: int | None, replicas: int | None, cpus_per_replica: int | None,
-            images_per_batch: int, num_cpus: int | None, runtime_env: str | None, include: tuple[str, ...],
+            images_per_batch: int | None, num_cpus: int | None, runtime_env: str | None, include: tuple[str, ...],
             exclude: tuple[str, ...],
             keys_from: str | None, storage_options: str | None, overwrite: bool, dry_run: bool,
             fail_fast: bool, quiet: bool, executor: str, max_pixels: int | None, allow_empty: bool,

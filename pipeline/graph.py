@@ -1,5 +1,6 @@
 """The Ray Data graph: keys -> read (I/O tasks) -> decode (CPU) -> restore (actor pool)
--> encode and write (CPU).
+-> encode and write (CPU). CPU replicas decode, encode and write their own images
+(``ClusterOptions.separate_stages``): there every stage shares the same cores.
 
 One model replica per GPU (``num_gpus=1``), or CPU replicas whose torch threads match
 the CPUs they reserve. Payloads travel between stages through the object store; the
@@ -22,6 +23,7 @@ if TYPE_CHECKING:  # torch loads in the replicas only: read, decode and write wo
     from models import LoadedModel, ModelRef
 
 log = logging.getLogger(__name__)
+MAX_BLOCKS = 10_000  # input blocks of a job: one per replica call up to this many
 LIGHT_TASK_CPUS = 0.25  # read / decode / encode tasks: they overlap the replicas' compute
 CPU_REPLICA_SHARE = 0.75  # a CPU replica reserves this share of its cores' scheduling slots
 
@@ -32,10 +34,12 @@ class ClusterOptions:
     num_gpus: int | None = None  # GPU replicas; None: every GPU in the cluster; 0: CPU only
     replicas: int | None = None  # CPU replicas; None: CPUs // cpus_per_replica
     cpus_per_replica: int | None = None  # None: 1 on small machines, 4 on larger ones
-    images_per_batch: int = 4  # images handed to a replica at once (their tiles are batched together)
+    images_per_batch: int | None = None  # images per replica call (their tiles share device batches);
+    # None: 4 on GPUs, 1 on CPUs (a CPU runs one tile at a time, and finer calls spread the work evenly)
     num_cpus: int | None = None  # CPUs of an embedded runtime (None: all)
     runtime_env: dict[str, Any] | None = None  # the user's own; storage credentials are merged into it
     quiet: bool = False  # keep Ray's C++ backend log lines off the terminal (they stay in Ray's log files)
+    separate_stages: bool | None = None  # decode and encode/write in their own CPU tasks; None: on GPUs only
 
 
 class RestoreReplica:
@@ -43,9 +47,13 @@ class RestoreReplica:
 
     ``data`` holds, for a checkpoint file, one object-store reference to the bytes the
     driver read and checked; the replica loads those and checks their sha256 again.
+    With ``whole_image`` (CPU replicas) it also decodes, encodes and writes its images:
+    on CPUs every stage competes for the same cores, so separate stages would only add
+    tasks and object-store copies of decoded pixels.
     """
 
-    def __init__(self, spec: JobSpec, ref: ModelRef, data: list[Any], threads: int, device: str | None) -> None:
+    def __init__(self, spec: JobSpec, ref: ModelRef, data: list[Any], threads: int, device: str | None,
+                 whole_image: bool = False) -> None:
         import ray
         import torch
 
@@ -57,9 +65,15 @@ class RestoreReplica:
         self.node = ray.get_runtime_context().get_node_id()
         settings = spec.settings if device is None else replace(spec.settings, device=device)
         self.restorer = Restorer(LoadedModel.from_reference(ref, ray.get(data[0]) if data else None), settings)
+        self.spec, self.whole_image = spec, whole_image
 
     def __call__(self, batch: dict[str, Any]) -> dict[str, Any]:
-        rows = stages.restore(stages.unpack(batch), self.restorer)
+        rows = stages.unpack(batch)
+        if self.whole_image:
+            rows = [stages.decode(row, self.spec) for row in rows]
+        rows = stages.restore(rows, self.restorer)
+        if self.whole_image:
+            rows = [stages.finish(row, self.spec) for row in rows]
         for row in rows:
             row["node"] = self.node
         return stages.pack(rows)
@@ -87,13 +101,14 @@ def pool_shape(options: ClusterOptions) -> dict[str, Any]:
     if options.num_gpus and options.num_gpus > gpus:
         raise EngineError(f"--num-gpus {options.num_gpus} asked for, but the cluster has {gpus} GPU(s)")
     if use_gpus > 0:
-        return {"size": use_gpus, "num_gpus": 1, "num_cpus": 1, "threads": 1, "device": "cuda", "in_flight": 2}
+        return {"size": use_gpus, "num_gpus": 1, "num_cpus": 1, "threads": 1, "device": "cuda", "in_flight": 2,
+                "images_per_batch": options.images_per_batch or 4}
     cpus = int(resources.get("CPU", 1))
     per = options.cpus_per_replica or cpu_replica_threads(cpus)
     size = options.replicas or max(1, cpus // per)
     # One batch in flight per CPU replica: a busy replica never queues work an idle one could take.
     return {"size": size, "num_gpus": 0, "num_cpus": per * CPU_REPLICA_SHARE, "threads": per, "device": "cpu",
-            "in_flight": 1}
+            "in_flight": 1, "images_per_batch": options.images_per_batch or 1}
 
 
 def run_graph(spec: JobSpec, items: list[WorkItem], options: ClusterOptions, model: LoadedModel | None = None,
@@ -119,19 +134,24 @@ def run_graph(spec: JobSpec, items: list[WorkItem], options: ClusterOptions, mod
     on_phase(f"starting {shape['size']} replica(s), loading the model")
     data = [ray.put(model.data)] if model.data is not None else []
     seed = [{"row": r} for r in stages.pack([{"key": i.key, "output_key": i.output_key} for i in items])["row"]]
-    per_batch = max(1, options.images_per_batch)
-    blocks = max(1, min(len(items), len(items) // per_batch + 1, 1000))
+    per_batch = max(1, shape["images_per_batch"])
+    # One input block per replica call: a block's images leave each stage together, so
+    # bigger blocks hold finished images back and leave replicas idle at the end of a job.
+    blocks = max(1, min(-(-len(items) // per_batch), MAX_BLOCKS))
     ds = ray.data.from_items(seed, override_num_blocks=blocks)
     ds = ds.map_batches(_per_row(lambda row: stages.read(row, spec)), batch_size=1, num_cpus=LIGHT_TASK_CPUS)
-    ds = ds.map_batches(_per_row(lambda row: stages.decode(row, spec)), batch_size=1, num_cpus=LIGHT_TASK_CPUS)
+    separate = shape["device"] != "cpu" if options.separate_stages is None else options.separate_stages
+    if separate:
+        ds = ds.map_batches(_per_row(lambda row: stages.decode(row, spec)), batch_size=1, num_cpus=LIGHT_TASK_CPUS)
     ds = ds.map_batches(RestoreReplica, batch_size=per_batch,
                         compute=ray.data.ActorPoolStrategy(size=shape["size"],
                                                            max_tasks_in_flight_per_actor=shape["in_flight"]),
                         fn_constructor_kwargs={"spec": spec, "ref": model.reference(), "data": data,
-                                               "threads": shape["threads"], "device": shape["device"]},
+                                               "threads": shape["threads"], "device": shape["device"],
+                                               "whole_image": not separate},
                         num_gpus=shape["num_gpus"], num_cpus=shape["num_cpus"])
-    ds = ds.map_batches(_per_row(lambda row: stages.finish(stages.write(row, spec), spec)), batch_size=1,
-                        num_cpus=LIGHT_TASK_CPUS)
+    if separate:
+        ds = ds.map_batches(_per_row(lambda row: stages.finish(row, spec)), batch_size=1, num_cpus=LIGHT_TASK_CPUS)
     with backend_log_filtered(options.quiet):
         for batch in ds.iter_batches(batch_size=1, batch_format="numpy", prefetch_batches=0):
             yield from stages.unpack(batch)

@@ -176,7 +176,9 @@ def write(row: Row, spec: JobSpec) -> Row:
 
 
 def finish(row: Row, spec: JobSpec) -> Row:
-    """Fill the bookkeeping fields of a row leaving the pipeline."""
+    """Encode and write the restored image (unless the row failed), then fill the bookkeeping
+    fields of the row leaving the pipeline."""
+    row = write(row, spec)
     row["settings"] = spec.settings_json()
     for name in PAYLOAD:
         row.pop(name, None)

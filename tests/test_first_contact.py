@@ -133,7 +133,7 @@ def test_manifest_seconds_is_processing_time_not_queue_time(tmp_path, small_mode
     queued[0] += 3600  # queued between read and decode
     row = stages.restore([stages.decode(row, spec)], restorer)[0]
     queued[0] += 3600  # queued before the writer
-    row = stages.finish(stages.write(row, spec), spec)
+    row = stages.finish(row, spec)
     assert row["status"] == "ok", row
     assert 0 < row["seconds"] < 3600, row["seconds"]
 

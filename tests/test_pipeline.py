@@ -19,6 +19,7 @@ from PIL import Image
 from pipeline import codecs
 from pipeline.cli import main
 from pipeline.manifest import read_manifest, read_run_summaries
+from pipeline.settings import EngineSettings
 from pipeline.storage import Storage
 
 from .conftest import child_env, photo
@@ -105,6 +106,30 @@ def test_s3_end_to_end_then_rerun_retries_only_failures(s3_photos, small_model):
     summaries = read_run_summaries(Storage(dst))
     assert [(s["run_id"], s["ok"], s["failed"], s["skipped"]) for s in summaries] == [
         (runs[0], len(good), len(corrupt), 0), (runs[1], 0, len(corrupt), len(good))]
+
+
+@pytest.mark.slow
+def test_separate_stages_and_whole_image_replicas_write_the_same_files(tmp_path, ray_runtime, small_model):
+    """GPU graphs decode and write in their own tasks, CPU replicas do it themselves: same outputs and rows."""
+    from pipeline.graph import ClusterOptions
+    from pipeline.runner import restore_job
+
+    src = tmp_path / "in"
+    for key, data in {**photo_files(5), "set0/zero.png": b"", "set2/notes.tif": b"not a TIFF"}.items():
+        (src / key).parent.mkdir(parents=True, exist_ok=True)
+        (src / key).write_bytes(data)
+    rows = {}
+    for separate in (True, False):
+        dst = tmp_path / f"out-{separate}"
+        _, result = restore_job(str(src), str(dst), executor="ray", quiet=True, model=small_model,
+                                cluster=ClusterOptions(separate_stages=separate, images_per_batch=2),
+                                settings=EngineSettings(tile=64, overlap=8))
+        assert (result.ok, result.failed) == (6, 2)
+        rows[separate] = {r["key"]: (r["status"], r["error_message"], r["out_width"]) for r in manifest_rows(str(dst))}
+    assert rows[True] == rows[False]
+    for key, (status, _, _) in rows[True].items():
+        if status == "ok":
+            assert (tmp_path / "out-True" / key).read_bytes() == (tmp_path / "out-False" / key).read_bytes(), key
 
 
 def test_dry_run_lists_work_without_writing(tmp_path, small_model):

@@ -136,12 +136,12 @@ def main(verbose: bool) -> None:
               help="torch.compile the model: about a minute per tile shape, then faster (large jobs; README, "
                    "'Engine').")
 @click.option("--address", help="Ray cluster address ('auto' or host:port); default RAY_ADDRESS, else embedded.")
-@click.option("--num-gpus", type=int, help="GPU replicas (default: every GPU; 0 for CPU replicas).")
-@click.option("--replicas", type=int, help="CPU replicas (default: CPUs / cpus-per-replica).")
-@click.option("--cpus-per-replica", type=int, help="Torch threads per CPU replica (default 1, or 4 on >4 CPUs).")
-@click.option("--images-per-batch", type=int,
+@click.option("--num-gpus", type=click.IntRange(min=0), help="GPU replicas (default: every GPU; 0 for CPU replicas).")
+@click.option("--replicas", type=click.IntRange(min=1), help="CPU replicas (default: CPUs / cpus-per-replica).")
+@click.option("--cpus-per-replica", type=click.IntRange(min=1), help="Torch threads per CPU replica (default 1, or 4 on >4 CPUs).")
+@click.option("--images-per-batch", type=click.IntRange(min=1),
               help="Images per replica call; their tiles share device batches (default: 4 on GPUs, 1 on CPUs).")
-@click.option("--num-cpus", type=int, help="CPUs of the embedded Ray runtime (default: all).")
+@click.option("--num-cpus", type=click.IntRange(min=1), help="CPUs of the embedded Ray runtime (default: all).")
 @click.option("--runtime-env", help="JSON Ray runtime env for the workers; the storage credentials of this "
                                     "shell are merged into it (its own env_vars win).")
 @click.option("--include", multiple=True, help="Glob of keys to take (repeatable; default: image extensions, "
@@ -384,10 +384,10 @@ def pull_model(name: str, origin: str | None, sha256: str | None, force: bool) -
 @click.option("--resume", is_flag=True, help="Require a checkpoint to resume from (a rerun resumes anyway).")
 @click.option("--restart", is_flag=True, help="Delete the run's checkpoints and start from step 0.")
 @click.option("--address", help="Ray cluster address (default RAY_ADDRESS, else embedded).")
-@click.option("--num-workers", type=int, help="Override scaling.num_workers.")
+@click.option("--num-workers", type=click.IntRange(min=1), help="Override scaling.num_workers.")
 @click.option("--use-gpu/--no-gpu", default=None, help="Override scaling.use_gpu.")
 @click.option("--checkpoint-dir", help="Override checkpoint.dir: where runs go (a folder or URL, e.g. s3://models/runs).")
-@click.option("--stop-after", type=int, help="Stop (with a checkpoint) after this many steps in total.")
+@click.option("--stop-after", type=click.IntRange(min=1), help="Stop (with a checkpoint) after this many steps in total.")
 @click.option("--executor", type=click.Choice(["ray", "inline"]), default="ray", show_default=True,
               help="ray: Ray Train workers (DDP); inline: one worker in this process, without Ray.")
 def train(config: str, resume: bool, restart: bool, address: str | None, num_workers: int | None,

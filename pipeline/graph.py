@@ -41,6 +41,13 @@ class ClusterOptions:
     quiet: bool = False  # keep Ray's C++ backend log lines off the terminal (they stay in Ray's log files)
     separate_stages: bool | None = None  # decode and encode/write in their own CPU tasks; None: on GPUs only
 
+    def __post_init__(self) -> None:
+        minimum = {"num_gpus": 0, "replicas": 1, "cpus_per_replica": 1, "images_per_batch": 1, "num_cpus": 1}
+        wrong = [f"{name}={getattr(self, name)} (at least {low})" for name, low in minimum.items()
+                 if getattr(self, name) is not None and getattr(self, name) < low]
+        if wrong:
+            raise EngineError("cluster options out of range: " + ", ".join(wrong))
+
 
 class RestoreReplica:
     """One model replica: loads the driver's model once, restores batches of decoded images.

@@ -52,3 +52,18 @@ def test_task_without_weights_says_so(tmp_path, monkeypatch):
     assert result.exit_code == 2
     assert "no trained weights are available for task 'deblur'" in result.output
     assert not (tmp_path / "b.png").exists()
+
+
+def test_cluster_options_out_of_range_are_refused_by_name(tmp_path):
+    import pytest
+
+    from pipeline.graph import ClusterOptions
+    from pipeline.settings import EngineError
+
+    for option, value in [("--replicas", "0"), ("--images-per-batch", "0"), ("--num-cpus", "0"),
+                          ("--cpus-per-replica", "-1"), ("--num-gpus", "-1")]:
+        result = CliRunner().invoke(main, ["restore", str(tmp_path), str(tmp_path / "out"), option, value])
+        assert result.exit_code == 2 and option in result.output, (option, result.output)
+    with pytest.raises(EngineError, match=r"num_gpus=-2 \(at least 0\), images_per_batch=0 \(at least 1\)"):
+        ClusterOptions(images_per_batch=0, num_gpus=-2)
+    assert ClusterOptions(num_gpus=0, replicas=1).num_gpus == 0

@@ -145,6 +145,13 @@ def test_num_workers_override_is_checked_against_the_batch(tmp_path):
     assert result.exit_code == 2, result.output
     assert "batch_size 8" in result.output and "num_workers 3" in result.output
     assert load_config(config.read_text(), {"scaling": {"num_workers": 4}}).scaling.num_workers == 4
+    with pytest.raises(ConfigError, match="scaling.num_workers must be at least 1"):
+        load_config(config.read_text(), {"scaling": {"num_workers": 0}})
+    for option in ("--num-workers", "--stop-after"):  # --stop-after 0 used to train the whole run
+        result = CliRunner().invoke(main, ["train", str(config), option, "0"])
+        assert result.exit_code == 2 and option in result.output, result.output
+    with pytest.raises(ConfigError, match="stop_after 0 must be at least 1"):
+        run_training(load_config(config.read_text()), stop_after=0, executor="inline")
 
 
 MINIMAL = {"name": "x", "data": {"train": {"clean": "a"}, "degradation": {"kind": "gaussian"}}}

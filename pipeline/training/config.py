@@ -209,11 +209,11 @@ def _check(cfg: ExperimentConfig) -> None:
                 raise ConfigError(f"data.{key}: {exc}") from None
     for key, value in (("train.steps", cfg.train.steps), ("train.log_every", cfg.train.log_every),
                        ("checkpoint.every", cfg.checkpoint.every), ("validate.every", cfg.validate.every),
-                       ("data.patch", cfg.data.patch)):
+                       ("data.patch", cfg.data.patch), ("scaling.num_workers", cfg.scaling.num_workers)):
         if value < 1:
             raise ConfigError(f"{key} must be at least 1")
     batch, workers = cfg.train.batch_size, cfg.scaling.num_workers
-    if workers < 1 or batch % workers:
+    if batch % workers:
         raise ConfigError(f"train.batch_size {batch} must be divisible by scaling.num_workers {workers} "
                           "(each worker takes an equal share of the batch)")
     if len(cfg.optim.betas) != 2:

@@ -37,6 +37,8 @@ def run_training(cfg: ExperimentConfig, *, resume: bool = False, restart: bool =
     """
     if executor not in EXECUTORS:
         raise ConfigError(f"unknown executor {executor!r}; choose one of {', '.join(EXECUTORS)}")
+    if stop_after is not None and stop_after < 1:
+        raise ConfigError(f"stop_after {stop_after} must be at least 1 (None: train to train.steps)")
     if executor == "inline" and address:
         raise ConfigError("a cluster address needs the ray executor; the inline executor trains in this process")
     init_as_given = cfg.model.init  # recorded in the recipe as written, not as this machine's path

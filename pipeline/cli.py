@@ -420,18 +420,20 @@ def train(config: str, resume: bool, restart: bool, address: str | None, num_wor
 @click.option("--task", type=click.Choice(TASKS), help="Task, if not recorded.")
 @click.option("--json", "json_out", default="eval.json", show_default=True, help="Where to write the results.")
 @click.option("--tile", type=int, help="Tile size (default: automatic).")
+@click.option("--overlap", type=int, default=32, show_default=True, help="Tile overlap in pixels.")
 @click.option("--storage-options", help="JSON of fsspec options.")
 @click.option("--report", "report_out", help="Also write an HTML report here (path or URL): per-image table and "
                                              "before/after/target gallery.")
 def evaluate(model_name: str, input_url: str, target_url: str, task: str | None, json_out: str,
-             tile: int | None, storage_options: str | None, report_out: str | None) -> None:
+             tile: int | None, overlap: int, storage_options: str | None, report_out: str | None) -> None:
     """Print per-image and mean PSNR/SSIM of MODEL's restorations against clean targets."""
     from .evaluate import evaluate_folder
     from .report import eval_pair, render_eval_html, write_page
 
     options = _json_option(storage_options, "--storage-options")
     pairs: list[Any] = []
-    report = evaluate_folder(model_name, input_url, target_url, task=task, tile=tile, storage_options=options,
+    report = evaluate_folder(model_name, input_url, target_url, task=task, tile=tile, overlap=overlap,
+                             storage_options=options,
                              on_image=(lambda *images: pairs.append(eval_pair(*images))) if report_out else None)
     for row in report["images"]:
         click.echo(f"{row['key']:<40} PSNR {row['psnr']:.2f} dB  SSIM {row['ssim']:.4f}  "

@@ -41,10 +41,19 @@ def check_settings(model: LoadedModel, settings: EngineSettings) -> None:
         raise EngineError(f"model {model.name!r} is trained for x{model.scale}, not x{settings.scale}")
     if settings.overlap < 0 or (settings.batch_size is not None and settings.batch_size < 1):
         raise EngineError("overlap must be >= 0 and batch size >= 1")
-    if settings.tile is not None and settings.overlap * 2 >= max(settings.tile, MIN_TILE):
-        raise EngineError(f"overlap {settings.overlap} must be less than half the tile size {settings.tile}")
+    if settings.tile is not None and settings.tile < 1:
+        raise EngineError(f"tile must be a positive number of pixels, not {settings.tile}")
+    if settings.tile is not None:
+        check_overlap(settings.overlap, max(settings.tile, MIN_TILE))
     if settings.precision == "fp16" and not model.fp16_safe:
         log.warning("model %s is not marked fp16-safe; outputs are checked for NaN/inf", model.name)
+
+
+def check_overlap(overlap: int, tile: int) -> None:
+    """Refuse an overlap of half the tile or more (tiles are at least MIN_TILE pixels)."""
+    if overlap * 2 >= tile:
+        raise EngineError(f"overlap {overlap} must be less than half the tile size {tile} (tiles are at least "
+                          f"{MIN_TILE} pixels): use a larger --tile or a smaller --overlap")
 
 
 class Restorer:
@@ -64,8 +73,7 @@ class Restorer:
     def _round_tile(self, tile: int) -> int:
         m = self.model.size_multiple
         tile = max(tile, MIN_TILE)
-        if self.settings.overlap * 2 >= tile:
-            raise EngineError(f"overlap {self.settings.overlap} must be less than half the tile size {tile}")
+        check_overlap(self.settings.overlap, tile)
         self.runner.max_side = tile - tile % m
         return tile - tile % m
 

@@ -39,7 +39,7 @@ def _pairs(input_url: str, target_url: str, options: dict[str, Any]) -> list[tup
 
 
 def evaluate_folder(model: str, input_url: str, target_url: str, *, task: str | None = None, tile: int | None = None,
-                    storage_options: dict[str, Any] | None = None,
+                    overlap: int = EngineSettings.overlap, storage_options: dict[str, Any] | None = None,
                     on_image: Callable[[str, np.ndarray, np.ndarray, np.ndarray], None] | None = None
                     ) -> dict[str, Any]:
     """Per-image and mean PSNR/SSIM (RGB and Y) of the model's output and of the input itself.
@@ -49,7 +49,7 @@ def evaluate_folder(model: str, input_url: str, target_url: str, *, task: str | 
     Raises ValueError when a target's size does not match its restored input.
     """
     options = storage_options or {}
-    restorer = Restorer(models.resolve(model, task, None, options), EngineSettings(tile=tile))
+    restorer = Restorer(models.resolve(model, task, None, options), EngineSettings(tile=tile, overlap=overlap))
     border = restorer.scale if restorer.model.task == "sr" else 0
     rows = []
     for inputs, key, targets, target_key in _pairs(input_url, target_url, options):

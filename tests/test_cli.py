@@ -67,3 +67,22 @@ def test_cluster_options_out_of_range_are_refused_by_name(tmp_path):
     with pytest.raises(EngineError, match=r"num_gpus=-2 \(at least 0\), images_per_batch=0 \(at least 1\)"):
         ClusterOptions(images_per_batch=0, num_gpus=-2)
     assert ClusterOptions(num_gpus=0, replicas=1).num_gpus == 0
+
+
+def test_tile_settings_that_cannot_work_say_what_to_change(tmp_path, small_model):
+    src = tmp_path / "in.png"
+    Image.fromarray(photo("camera")[:96, :96]).save(src)
+    restore = ["restore", str(src), str(tmp_path / "out.png"), "--model", small_model, "--quiet"]
+    for extra, message in [(["--tile", "0"], "tile must be a positive number of pixels, not 0"),
+                           (["--tile", "-4"], "not -4"),
+                           (["--tile", "48"], "overlap 32 must be less than half the tile size 64 (tiles are at "
+                                              "least 64 pixels): use a larger --tile or a smaller --overlap")]:
+        result = CliRunner().invoke(main, restore + extra)
+        assert result.exit_code == 2 and message in result.output, (extra, result.output)
+    # eval takes --overlap too, so a small tile there can be made to work
+    evaluate = ["eval", "--model", small_model, "--input", str(src), "--target", str(src),
+                "--json", str(tmp_path / "e.json"), "--tile", "48"]
+    assert CliRunner().invoke(main, evaluate).exit_code == 2
+    result = CliRunner().invoke(main, evaluate + ["--overlap", "8"])
+    assert result.exit_code == 0, result.output
+    assert (tmp_path / "e.json").exists()

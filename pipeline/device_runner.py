@@ -33,9 +33,20 @@ class NonFiniteOutputError(EngineError):
 
 
 def pick_device(requested: str | None) -> torch.device:
-    if requested:
-        return torch.device(requested)
-    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    """The requested device, refused by name when it is not one or this machine lacks it; by
+    default CUDA where available, else the CPU."""
+    if not requested:
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(requested)
+    except RuntimeError:
+        raise EngineError(f"--device {requested!r} is not a torch device (e.g. cpu, cuda, cuda:1, mps)") from None
+    if device.type == "cuda" and (device.index or 0) >= torch.cuda.device_count():
+        raise EngineError(f"--device {requested}: this machine has {torch.cuda.device_count()} CUDA device(s) "
+                          f"usable by torch {torch.__version__}")
+    if device.type == "mps" and not torch.backends.mps.is_available():
+        raise EngineError(f"--device {requested}: no Apple MPS device here")
+    return device
 
 
 def cpu_supports_bf16() -> bool:

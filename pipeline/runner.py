@@ -222,22 +222,28 @@ def execute(plan: Plan, spec: JobSpec, *, executor: str = "ray", cluster: Cluste
     bytes. Items the plan refused are recorded as failed rows without being read.
     """
     result = JobResult(plan.run_id, skipped=len(plan.skipped))
-    writer = ManifestWriter(plan.output, result.run_id)
     runnable = plan.runnable
+    progress = Progress(len(plan.todo), quiet, stream)
+    local = None
+    if executor == "inline" and runnable:  # before anything is written: a device this machine lacks is refused here
+        progress.phase("loading the model")
+        try:
+            local = restorer or Restorer(model or models.resolve(spec.model, spec.task, spec.scale,
+                                                                 spec.source.options), spec.settings)
+        except BaseException:
+            progress.close()
+            raise
+    writer = ManifestWriter(plan.output, result.run_id)
     # Claim the outputs first: a rerun after a crash recognises them as this destination's own.
     if runnable:
         write_claim(plan.output, result.run_id, [item.output_key for item in runnable])
-    progress = Progress(len(plan.todo), quiet, stream)
     start = time.perf_counter()
 
     def rows() -> Iterator[Row]:
         yield from (refused_row(item) for item in plan.refused)
         if not runnable:
             return
-        if executor == "inline":
-            progress.phase("loading the model")
-            local = restorer or Restorer(model or models.resolve(spec.model, spec.task, spec.scale, spec.source.options),
-                                         spec.settings)
+        if local is not None:
             progress.phase("restoring")
             yield from run_inline(spec, runnable, local, on_tiles=progress.tiles)
         else:

@@ -86,3 +86,17 @@ def test_tile_settings_that_cannot_work_say_what_to_change(tmp_path, small_model
     result = CliRunner().invoke(main, evaluate + ["--overlap", "8"])
     assert result.exit_code == 0, result.output
     assert (tmp_path / "e.json").exists()
+
+
+def test_a_device_this_machine_lacks_is_refused_before_anything_is_written(tmp_path, small_model):
+    src = tmp_path / "in"
+    src.mkdir()
+    Image.fromarray(photo("camera")[:64, :64]).save(src / "a.png")
+    for device, message in [("foo", "--device 'foo' is not a torch device"),
+                            ("cuda:99", "--device cuda:99: this machine has")]:
+        dst = tmp_path / f"out-{device}"
+        result = CliRunner().invoke(main, ["restore", str(src), str(dst), "--model", small_model, "--quiet",
+                                           "--executor", "inline", "--device", device])
+        assert result.exit_code == 2 and message in result.output, result.output
+        written = sorted(p.relative_to(dst).as_posix() for p in dst.rglob("*") if p.is_file())
+        assert written == ["_manifest/.lock", "_manifest/lease.json"], written  # the released lease only

@@ -41,9 +41,9 @@ def check_settings(model: LoadedModel, settings: EngineSettings) -> None:
         raise EngineError(f"model {model.name!r} is trained for x{model.scale}, not x{settings.scale}")
     if settings.overlap < 0 or (settings.batch_size is not None and settings.batch_size < 1):
         raise EngineError("overlap must be >= 0 and batch size >= 1")
-    if settings.tile is not None and settings.tile < 1:
-        raise EngineError(f"tile must be a positive number of pixels, not {settings.tile}")
     if settings.tile is not None:
+        if settings.tile < 1:
+            raise EngineError(f"tile must be a positive number of pixels, not {settings.tile}")
         check_overlap(settings.overlap, max(settings.tile, MIN_TILE))
     if settings.precision == "fp16" and not model.fp16_safe:
         log.warning("model %s is not marked fp16-safe; outputs are checked for NaN/inf", model.name)

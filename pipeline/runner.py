@@ -224,6 +224,7 @@ def execute(plan: Plan, spec: JobSpec, *, executor: str = "ray", cluster: Cluste
     result = JobResult(plan.run_id, skipped=len(plan.skipped))
     runnable = plan.runnable
     progress = Progress(len(plan.todo), quiet, stream)
+    start = time.perf_counter()  # the run's seconds include loading the model, as on Ray
     local = None
     if executor == "inline" and runnable:  # before anything is written: a device this machine lacks is refused here
         progress.phase("loading the model")
@@ -237,7 +238,6 @@ def execute(plan: Plan, spec: JobSpec, *, executor: str = "ray", cluster: Cluste
     # Claim the outputs first: a rerun after a crash recognises them as this destination's own.
     if runnable:
         write_claim(plan.output, result.run_id, [item.output_key for item in runnable])
-    start = time.perf_counter()
 
     def rows() -> Iterator[Row]:
         yield from (refused_row(item) for item in plan.refused)

@@ -18,9 +18,10 @@ Degradations are the training code's (pipeline.training.degrade.Degradation), so
 
 Every shipped card (models/weights/) is measured; baselines run once per setting.
 Writes a Markdown table and JSON, and (with --update-cards) the measured figures into
-each shipped card's `metrics`.
+each shipped card's `metrics`. ``--task enhance`` (repeatable) measures only that task and
+keeps the other sections of an existing quality.json.
 
-    python -m benchmarks.quality --out benchmarks/results --update-cards
+    python -m benchmarks.quality --out benchmarks/results --update-cards [--task enhance]
 """
 from __future__ import annotations
 
@@ -38,11 +39,10 @@ from models.cards import WEIGHTS_DIR
 from pipeline.training.data import skimage_photo
 from pipeline.training.degrade import Degradation, is_grey
 from pipeline.engine import EngineSettings, Restorer, restore_array
-from pipeline.imaging import as_8bit, resize_bicubic
+from pipeline.imaging import as_8bit, luma, resize_bicubic
 from pipeline.metrics import score
 
 VALIDATION = ("chelsea", "camera", "coffee")
-LUMA = np.array([0.299, 0.587, 0.114], dtype=np.float32)  # BT.601 luma weights
 SIGMAS = (15, 25, 50)
 
 
@@ -78,13 +78,13 @@ def nl_means(noisy: np.ndarray, sigma: float) -> np.ndarray:
 
 def percentile_stretch(dark: np.ndarray) -> np.ndarray:
     """Auto-levels: the 1st..99th luma percentiles stretched to black..white (one gain for all channels)."""
-    lo, hi = np.percentile(dark @ LUMA, (1, 99))
+    lo, hi = np.percentile(luma(dark), (1, 99))
     return quantise((dark - lo) / max(hi - lo, 1e-6))
 
 
 def auto_gamma(dark: np.ndarray) -> np.ndarray:
     """The gamma curve that brings the mean luma to 0.5."""
-    mean = float(np.clip((dark @ LUMA).mean(), 1e-3, 0.999))
+    mean = float(np.clip(luma(dark).mean(), 1e-3, 0.999))
     return quantise(np.power(dark, np.log(0.5) / np.log(mean)))
 
 
@@ -241,13 +241,17 @@ def main() -> None:
     parser.add_argument("--update-cards", action="store_true")
     parser.add_argument("--threads", type=int, default=None)
     parser.add_argument("--crop", type=int, default=256, help="side of the crop sections (0: full photos only)")
+    parser.add_argument("--task", action="append", choices=sorted(EVALUATORS),
+                        help="measure only these tasks (repeatable); the other sections of OUT/quality.json are kept")
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
     shipped = models.shipped_cards()
     results: dict[str, Section] = {}
+    if args.task and (args.out / "quality.json").is_file():
+        results = json.loads((args.out / "quality.json").read_text())
     for task, evaluate in EVALUATORS.items():
-        cards = [c for c in shipped if c.task == task]
+        cards = [c for c in shipped if c.task == task and (not args.task or task in args.task)]
         if cards:
             results.update(evaluate(cards, clean_photos()))
             if args.crop:

@@ -67,6 +67,7 @@ class ModelCard:
     metrics: dict[str, Any] = field(default_factory=dict)
     source_dir: str | None = None  # folder the card file was read from
     source: OfficialSource | None = None  # published official checkpoint, pulled on first use
+    normalise_exposure: bool = False  # trained on images through pipeline.imaging.ExposureCurve
 
     @property
     def pulled(self) -> bool:

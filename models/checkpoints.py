@@ -271,6 +271,8 @@ def save(model: LoadedModel, path: str, *, storage_options: Mapping[str, Any] | 
 
     ``metadata`` (task, scale, training recipe, metrics, ...) must be JSON-serialisable.
     """
+    if model.normalise_exposure:  # a fact of how the weights were trained: it stays with them
+        metadata = {"normalise_exposure": True, **metadata}
     data = to_bytes(model.module, model.arch, model.config, **metadata)
     with fsspec.open(path, "wb", **(storage_options or {})) as f:
         f.write(data)

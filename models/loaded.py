@@ -56,6 +56,7 @@ class LoadedModel:
     metadata: dict[str, Any] = field(default_factory=dict)  # the checkpoint header's (recipe, validation, ...)
     source_format: str = "built"  # "project", "official-mirnet", "official-basicsr", "state_dict", "built"
     data: bytes | None = field(default=None, repr=False)  # the checkpoint's bytes, for replicas
+    normalise_exposure: bool = False  # each image goes through pipeline.imaging.ExposureCurve first
 
     @property
     def full_config(self) -> dict[str, Any]:
@@ -115,7 +116,7 @@ class LoadedModel:
         load_weights(module, ckpt.state_dict, uri, card.arch, card.config)
         return cls(module.eval(), card.arch, dict(card.config), card.name, card.task, card.scale, card.bf16_safe,
                    card.fp16_safe, ckpt.sha256, card, ckpt.metadata, ckpt.source_format,
-                   data if card.source is not None else None)
+                   data if card.source is not None else None, card.normalise_exposure)
 
     @classmethod
     def from_checkpoint(cls, name: str, ckpt: Checkpoint, arch: str | None = None,
@@ -146,7 +147,8 @@ class LoadedModel:
         meta = ckpt.metadata
         return cls(module.eval(), arch_name, config, name, meta.get("task") or task,
                    int(meta.get("scale") or scale or 1), bool(meta.get("bf16_safe", True)),
-                   bool(meta.get("fp16_safe", False)), ckpt.sha256, None, dict(meta), ckpt.source_format, data)
+                   bool(meta.get("fp16_safe", False)), ckpt.sha256, None, dict(meta), ckpt.source_format, data,
+                   bool(meta.get("normalise_exposure", False)))
 
     def to_bytes(self, **metadata: Any) -> bytes:
         """The model in the project's checkpoint format, with ``metadata`` in its header."""

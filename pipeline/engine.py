@@ -2,7 +2,8 @@
 
 For each page of a decoded image it (1) for super-resolution, upsamples the input to
 the target size (bicubic, antialiased) since MIRNet's SR networks are same-size
-networks, (2) cuts overlapping tiles and runs them in batches on the device
+networks, or for a model trained on exposure-normalised images measures and applies the
+page's exposure curve (``imaging.ExposureCurve``), (2) cuts overlapping tiles and runs them in batches on the device
 (``device_runner.py``: precision, padding, compile, finiteness), backing off to smaller
 batches and tiles on device out-of-memory, and (3) blends them with a smooth window into
 the output, stripe by stripe. Host memory is the decoded image plus the output plus one
@@ -22,7 +23,7 @@ from models import LoadedModel
 
 from .codecs import DecodedImage, Page
 from .device_runner import DeviceRunner, InFlight
-from .imaging import peak_of, quantise, resize_bicubic
+from .imaging import ExposureCurve, peak_of, quantise, resize_bicubic
 from .settings import EngineError, EngineSettings
 from .tiling import StripeBlender, Tile, TileGrid
 
@@ -124,7 +125,8 @@ class Restorer:
     def _page_job(self, samples: np.ndarray, alpha: np.ndarray | None, peak: float
                   ) -> tuple["PageJob", np.ndarray | None]:
         """The page as a job: (H, W, C) ``samples`` whose white is ``peak`` (1.0 for floats), upsampled
-        first for super-resolution; and its alpha, resized to match."""
+        first for super-resolution, or through the page's exposure curve for a model trained with
+        one; and its alpha, resized to match."""
         h, w, _ = samples.shape
         if self.scale > 1:
             h, w = h * self.scale, w * self.scale
@@ -132,6 +134,10 @@ class Restorer:
             source: Callable[[int, int, int, int], np.ndarray] = lambda y, x, th, tw: upsampled[y:y + th, x:x + tw]
             if alpha is not None:
                 alpha = quantise(resize_bicubic(alpha[:, :, None], h, w, peak), peak, alpha.dtype)[:, :, 0]
+        elif self.model.normalise_exposure:  # one curve for the whole page, measured on all of it
+            floats = samples.astype(np.float32) / np.float32(peak)
+            floats = ExposureCurve.measure(floats)(floats)
+            source = lambda y, x, th, tw: floats[y:y + th, x:x + tw]
         else:
             source = lambda y, x, th, tw: samples[y:y + th, x:x + tw].astype(np.float32) / peak
         return PageJob(source, h, w, samples.shape[2], peak, samples.dtype), alpha

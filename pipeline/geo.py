@@ -125,6 +125,10 @@ class GeoScene(StreamedImage):
         return [None]
 
     def restore(self, restorer: Any) -> dict[str, Any]:
+        if restorer.model.normalise_exposure:
+            raise CodecError(self.name, f"model {restorer.model.name!r} measures each image's exposure on the whole "
+                                        "image, and a GeoTIFF scene is restored window by window; use a model "
+                                        "without exposure normalisation")
         with _env(), _open(self.source, self.key) as src:
             return _restore_scene(self, src, restorer)
 

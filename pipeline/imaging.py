@@ -1,10 +1,13 @@
 """Sample conversions shared by restoration, training and evaluation: integer samples to
-[0, 1] floats and back, the 8-bit rounding that scores use, and bicubic resizing.
+[0, 1] floats and back, the 8-bit rounding that scores use, bicubic resizing, and the
+exposure normalisation of enhancement models trained with it.
 
 The one bit-depth rule lives here: 16-bit samples (uint16) peak at 65535, all others at 255.
 torch is imported only by :func:`resize_bicubic`, so light workers can import this module.
 """
 from __future__ import annotations
+
+from dataclasses import dataclass
 
 import numpy as np
 
@@ -52,3 +55,56 @@ def resize_bicubic(array: np.ndarray, height: int, width: int, peak: float | Non
         x /= peak
     y = F.interpolate(x, size=(height, width), mode="bicubic", antialias=True, align_corners=False)
     return y[0].permute(1, 2, 0).clamp_(0, 1 if peak else float("inf")).numpy()
+
+
+@dataclass(frozen=True)
+class ExposureCurve:
+    """One image's exposure normalisation, measured on the whole image and applied before the
+    network (cards with ``normalise_exposure``; the same in training and in the engine).
+
+    1. White point: the gain that brings the 99.9th percentile of each pixel's brightest
+       channel to white (never darker; at most ``MAX_GAIN``). It undoes an under-exposure
+       without clipping saturated colours.
+    2. Lift: if the mean luma is still below ``DARK_MEAN``, the gamma curve that maps that
+       mean to ``TARGET_MEAN`` (sRGB middle grey, what an exposure meter aims at), no steeper
+       than undoing a gamma of ``1 / MIN_GAMMA``.
+
+    A normally exposed image passes almost unchanged (gain near 1, no lift).
+    """
+
+    gain: float = 1.0
+    gamma: float = 1.0
+
+    WHITE_PERCENTILE = 99.9
+    MAX_GAIN = 32.0
+    DARK_MEAN = 0.35
+    TARGET_MEAN = 0.46
+    MIN_GAMMA = 0.4
+    MEASURED_PIXELS = 1 << 20  # larger images are measured on an evenly strided subsample
+
+    @classmethod
+    def measure(cls, image: np.ndarray) -> "ExposureCurve":
+        """The curve of an (H, W, C) float image in [0, 1]."""
+        h, w = image.shape[:2]
+        step = max(1, int(np.sqrt(h * w / cls.MEASURED_PIXELS)))
+        sample = np.asarray(image[::step, ::step], dtype=np.float32)
+        white = float(np.percentile(sample.max(axis=2), cls.WHITE_PERCENTILE))
+        gain = float(np.clip(1.0 / max(white, 1e-6), 1.0, cls.MAX_GAIN))
+        mean = float(luma(np.clip(sample * gain, 0.0, 1.0)).mean())
+        gamma = 1.0
+        if 0.0 < mean < cls.DARK_MEAN:
+            gamma = max(float(np.log(cls.TARGET_MEAN) / np.log(mean)), cls.MIN_GAMMA)
+        return cls(gain, gamma)
+
+    def __call__(self, values: np.ndarray) -> np.ndarray:
+        """``values`` (floats in [0, 1]) through the curve, as float32."""
+        out = np.clip(np.asarray(values, dtype=np.float32) * np.float32(self.gain), 0.0, 1.0)
+        return out if self.gamma == 1.0 else np.power(out, np.float32(self.gamma))
+
+
+LUMA_WEIGHTS = np.array([0.299, 0.587, 0.114], dtype=np.float32)  # BT.601
+
+
+def luma(image: np.ndarray) -> np.ndarray:
+    """(H, W) luma of an (H, W, C) float image: BT.601 for RGB, the mean of the channels otherwise."""
+    return image @ LUMA_WEIGHTS if image.shape[2] == 3 else image.mean(axis=2)

@@ -163,6 +163,23 @@ def test_four_band_tiff_is_a_raster_by_content_and_bad_bands_fail_clearly(tmp_pa
     assert "--bands 9 not in this scene's bands 1..4" in row["error_message"] and "noext" in row["error_message"]
 
 
+def test_a_model_that_measures_exposure_on_the_whole_image_is_refused_for_scenes(tmp_path):
+    import models
+    import torch
+
+    (tmp_path / "in").mkdir()
+    write_scene(tmp_path / "in" / "scene.tif", shape=(3, 64, 64))
+    torch.manual_seed(0)
+    model = models.build("mirnet_v2", n_feat=4, n_RRG=1, n_MRB=1)
+    models.save(model, str(tmp_path / "exposure.safetensors"), task="enhance", normalise_exposure=True)
+    result = CliRunner().invoke(main, ["restore", str(tmp_path / "in"), str(tmp_path / "out"), "--model",
+                                       str(tmp_path / "exposure.safetensors"), "--executor", "inline", "--quiet"])
+    assert result.exit_code == 1
+    row = read_manifest(Storage(str(tmp_path / "out"))).to_pylist()[-1]
+    assert row["status"] == "failed" and "scene.tif" in row["error_message"]
+    assert "restored window by window" in row["error_message"]
+
+
 def test_plain_rgb_tiff_is_not_a_raster():
     import io
 

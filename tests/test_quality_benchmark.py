@@ -19,8 +19,8 @@ def test_every_section_scores_every_method(monkeypatch):
     for section, methods in results.items():
         for label, scores in methods.items():
             assert set(scores) == {"psnr", "ssim", "psnr_y", "ssim_y", "cast", "seconds", "seconds_per_mp"}, (section, label)
-    assert set(results["enhance low_light"]) == {"mirnet-v2-enhance-s", "percentile stretch", "gamma", "clahe",
-                                                 "input"}
+    assert set(results["enhance low_light"]) == {"mirnet-v2-enhance-s", "mirnet-v2-enhance-noisy-s",
+                                                 "percentile stretch", "gamma", "clahe", "input"}
     default = models.default_for("denoise").name
     assert {default, f"{default} --tta", "cbm3d", "nl_means", "input"} <= set(results["denoise sigma50"])
     assert results["sr x2"]["mirnet-v2-sr2-s"]["psnr"] > results["sr x2"]["bicubic"]["psnr"] - 1

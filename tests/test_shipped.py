@@ -97,3 +97,21 @@ def test_default_denoiser_cleans_a_grey_photo(tmp_path):
     restored_psnr = psnr(np.asarray(restored).astype(np.float32)[:, :, None] / 255, clean)
     noisy_psnr = psnr(np.asarray(Image.open(src)).astype(np.float32)[:, :, None] / 255, clean)
     assert restored_psnr > noisy_psnr + 3.0, (noisy_psnr, restored_psnr)
+
+
+def test_default_enhancer_undoes_plain_under_exposure_and_leaves_a_good_exposure_alone():
+    """The exposure-normalising default against the classical baselines on a held-out photo (a full-range
+    crop) darkened x0.5 as an 8-bit file, and on the same crop as it is."""
+    from benchmarks.quality import clahe, percentile_stretch
+    from pipeline.engine import restore_array
+    from pipeline.imaging import as_8bit
+
+    enhancer = models.default_for("enhance").load()
+    assert enhancer.normalise_exposure
+    clean = skimage_photo("coffee")[50:306, 100:420].astype(np.float32) / 255
+    dark = as_8bit(clean * 0.5)
+    restored = as_8bit(restore_array(dark, enhancer))
+    assert psnr(restored, clean) > max(psnr(percentile_stretch(dark), clean), psnr(clahe(dark), clean)) + 1.0
+    assert psnr(restored, clean) > psnr(dark, clean) + 15
+    assert abs(restored.mean() - clean.mean()) * 255 < 3  # no tint, no brightening beyond the original
+    assert psnr(as_8bit(restore_array(clean, enhancer)), clean) > 30  # a good exposure passes nearly unchanged

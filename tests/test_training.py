@@ -313,3 +313,20 @@ def test_grey_photos_are_degraded_as_one_channel_and_colour_ones_per_channel():
         assert not np.array_equal(noisy_grey, grey)
         noise = degradation(colour, np.random.default_rng(0)) - colour
         assert not np.allclose(noise[..., 0], noise[..., 1]), kind
+
+
+def test_log_uniform_ranges_draw_each_decade_alike_and_bad_names_are_refused():
+    from pipeline.training.degrade import Degradation
+
+    rng = np.random.default_rng(0)
+    log_peak = Degradation("low_light", peak=(100, 10000), log_uniform=("peak",))
+    draws = np.array([log_peak.draw("peak", rng) for _ in range(4000)])
+    assert draws.min() >= 100 and draws.max() <= 10000
+    assert abs((draws < 1000).mean() - 0.5) < 0.03  # one decade of two: half the draws
+    plain = np.array([Degradation("low_light", peak=(100, 10000)).draw("peak", rng) for _ in range(4000)])
+    assert abs((plain < 1000).mean() - 900 / 9900) < 0.03
+    with pytest.raises(ValueError, match="quality cannot be drawn log-uniformly"):
+        Degradation("jpeg", log_uniform=("quality",))
+    with pytest.raises(ConfigError, match="data.degradation: log_uniform ranges must be above 0"):
+        load_config({"name": "x", "data": {"train": {"clean": "skimage://astronaut"},
+                                           "degradation": {"kind": "gaussian", "log_uniform": ["sigma"]}}})

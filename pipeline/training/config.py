@@ -44,6 +44,7 @@ class ModelConfig:
     arch: str = "mirnet_v2"
     config: dict[str, Any] = field(default_factory=dict)  # the architecture's constructor keywords
     init: str | None = None  # a card name or a checkpoint path/URL to fine-tune
+    normalise_exposure: bool = False  # inputs through pipeline.imaging.ExposureCurve (training and restoring)
 
 
 @dataclass(frozen=True)
@@ -178,7 +179,7 @@ def load_config(text_or_dict: str | dict[str, Any], overrides: dict[str, Any] | 
 
 # Fields of the exported card that training itself fills in; ``card:`` may set the others.
 TRAINING_CARD_FIELDS = frozenset({"name", "arch", "config", "task", "scale", "weights", "sha256", "recipe", "metrics",
-                                  "source_dir", "source"})
+                                  "source_dir", "source", "normalise_exposure"})
 
 
 def _check(cfg: ExperimentConfig) -> None:

@@ -19,7 +19,7 @@ from typing import Any, Callable
 import numpy as np
 
 from .. import codecs
-from ..imaging import resize_bicubic, to_rgb_float
+from ..imaging import ExposureCurve, as_8bit, resize_bicubic, to_rgb_float
 from ..storage import Storage
 from . import synthetic
 from .config import ConfigError, SourceSpec
@@ -204,8 +204,11 @@ class PatchSampler:
     :meth:`batch`, so a batch is a function of that generator's seed alone.
     """
 
+    EXPOSURE_CONTEXT = 256  # with normalise_exposure: the side of the region the curve is measured on
+
     def __init__(self, pairs: list[Pair], patch: int, degradation: Degradation | None, mixup: bool = False,
-                 mixup_alpha: float = 1.2, sources: list[Source] | None = None) -> None:
+                 mixup_alpha: float = 1.2, sources: list[Source] | None = None,
+                 normalise_exposure: bool = False) -> None:
         sources = sources or [Source("photos")]
         self.generators = {i: s.generator for i, s in enumerate(sources) if s.generator is not None}
         if degradation is None and (self.generators or any(p.degraded is None for p in pairs)):
@@ -221,9 +224,10 @@ class PatchSampler:
         self.cumulative = np.cumsum(weights / weights.sum())
         self.patch, self.degradation = patch, degradation
         self.mixup, self.mixup_alpha = mixup, mixup_alpha
+        self.normalise_exposure = normalise_exposure
 
-    def _draw(self, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray | None]:
-        """One (clean, degraded or None) patch from a source chosen by weight."""
+    def _draw(self, rng: np.random.Generator, size: int) -> tuple[np.ndarray, np.ndarray | None]:
+        """One (clean, degraded or None) ``size``-square crop from a source chosen by weight."""
         source = self.choices[0]
         if len(self.choices) > 1:  # one source draws exactly as before sources could be mixed
             source = self.choices[min(int(np.searchsorted(self.cumulative, rng.random(), side="right")),
@@ -231,13 +235,13 @@ class PatchSampler:
         generator = self.generators.get(source)
         if generator is None:
             pool = self.by_source[source]
-            return self._crop(pool[int(rng.integers(len(pool)))], rng)
-        image = generator.image(generator.size or self.patch, np.random.default_rng(int(rng.integers(2 ** 63))))
-        return self._crop(Pair("synthetic", image, None), rng) if image.shape[0] != self.patch else (image, None)
+            return self._crop(pool[int(rng.integers(len(pool)))], rng, size)
+        image = generator.image(generator.size or size, np.random.default_rng(int(rng.integers(2 ** 63))))
+        return self._crop(Pair("synthetic", image, None), rng, size) if image.shape[0] != size else (image, None)
 
-    def _crop(self, pair: Pair, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray | None]:
+    @staticmethod
+    def _crop(pair: Pair, rng: np.random.Generator, p: int) -> tuple[np.ndarray, np.ndarray | None]:
         h, w = pair.clean.shape[:2]
-        p = self.patch
         if h < p or w < p:
             pad = ((0, max(p - h, 0)), (0, max(p - w, 0)), (0, 0))
             clean = np.pad(pair.clean, pad, mode="reflect")
@@ -252,9 +256,12 @@ class PatchSampler:
         """(degraded, clean) float32 arrays of shape (size, 3, patch, patch)."""
         inputs, targets = [], []
         for _ in range(size):
-            clean, degraded = self._draw(rng)
-            if degraded is None:
-                degraded = self.degradation(np.ascontiguousarray(clean), rng)  # type: ignore[misc]
+            if self.normalise_exposure:
+                clean, degraded = self._exposure_normalised(rng)
+            else:
+                clean, degraded = self._draw(rng, self.patch)
+                if degraded is None:
+                    degraded = self.degradation(np.ascontiguousarray(clean), rng)  # type: ignore[misc]
             mode = int(rng.integers(8))
             inputs.append(augment(degraded, mode))
             targets.append(augment(clean, mode))
@@ -266,6 +273,26 @@ class PatchSampler:
             inp = lam * inp + (1 - lam) * inp[perm]
             tgt = lam * tgt + (1 - lam) * tgt[perm]
         return np.ascontiguousarray(inp), np.ascontiguousarray(tgt)
+
+    def _exposure_normalised(self, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+        """A (target, input) patch for a model behind the exposure curve.
+
+        The curve is measured, as the engine does on a whole image, on the larger region
+        around the patch, degraded and stored as 8 bits. With a synthetic degradation the
+        target is the noise-free darkened region through the same curve: the curve sets the
+        tone, which a patch cannot tell, and the network learns the noise, the 8-bit steps
+        and the colour the curve leaves. Paired data keeps its clean target.
+        """
+        clean, degraded = self._draw(rng, self.EXPOSURE_CONTEXT)
+        if degraded is None:
+            toned, degraded = self.degradation.toned_pair(np.ascontiguousarray(clean), rng)  # type: ignore[union-attr]
+            degraded = as_8bit(degraded)
+            curve = ExposureCurve.measure(degraded)
+            clean = curve(toned)
+        else:
+            curve = ExposureCurve.measure(degraded)
+        crop = self._crop(Pair("context", clean, curve(degraded)), rng, self.patch)
+        return crop[0], crop[1]  # type: ignore[return-value]
 
 
 def validation_pairs(pairs: list[Pair], degradation: Degradation | None, seed: int) -> list[tuple[str, np.ndarray, np.ndarray]]:

@@ -33,11 +33,15 @@ def poisson_gaussian(img: np.ndarray, rng: np.random.Generator, peak: float, sig
     return gaussian(shot, rng, sigma)
 
 
+def darken(img: np.ndarray, exposure: float, gamma: float) -> np.ndarray:
+    """Under-exposure without noise: scale by ``exposure``, darken by ``gamma`` (>1)."""
+    return np.power(np.clip(img, 0, 1) * exposure, gamma).astype(np.float32)
+
+
 def low_light(img: np.ndarray, rng: np.random.Generator, exposure: float, gamma: float,
               peak: float, sigma: float) -> np.ndarray:
-    """Under-exposure: scale by ``exposure``, darken by ``gamma`` (>1), then sensor noise."""
-    dark = np.power(np.clip(img, 0, 1) * exposure, gamma).astype(np.float32)
-    return poisson_gaussian(dark, rng, peak, sigma)
+    """Under-exposure (:func:`darken`), then sensor noise."""
+    return poisson_gaussian(darken(img, exposure, gamma), rng, peak, sigma)
 
 
 def bicubic_sr(img: np.ndarray, scale: int) -> np.ndarray:
@@ -67,10 +71,23 @@ class Degradation:
     gamma: tuple[float, float] = (1.0, 1.6)
     scale: int = 2
     quality: tuple[int, int] = (20, 80)
+    log_uniform: tuple[str, ...] = ()  # ranges drawn log-uniformly (e.g. peak: light levels span decades)
 
     def __post_init__(self) -> None:
         if self.kind not in KINDS:
             raise ValueError(f"unknown degradation {self.kind!r}; choose one of {', '.join(KINDS)}")
+        wrong = sorted(set(self.log_uniform) - {"sigma", "peak", "exposure", "gamma"})
+        if wrong:
+            raise ValueError(f"log_uniform: {', '.join(wrong)} cannot be drawn log-uniformly (sigma, peak, exposure, gamma)")
+        if any(getattr(self, name)[0] <= 0 for name in self.log_uniform):
+            raise ValueError("log_uniform ranges must be above 0")
+
+    def draw(self, name: str, rng: np.random.Generator) -> float:
+        """One value of the ``name`` range: uniform, or log-uniform if named in ``log_uniform``."""
+        low, high = getattr(self, name)
+        if name in self.log_uniform:
+            return float(np.exp(rng.uniform(np.log(low), np.log(high))))
+        return float(rng.uniform(low, high))
 
     @classmethod
     def from_config(cls, config: dict[str, Any]) -> "Degradation":
@@ -78,17 +95,24 @@ class Degradation:
         return cls(**values)
 
     def __call__(self, img: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+        return self.toned_pair(img, rng)[1]
+
+    def toned_pair(self, img: np.ndarray, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+        """(``img`` with only the degradation's change of tone, the degraded image): for low light
+        the darkened image before its noise, for the other kinds ``img`` itself."""
         if img.ndim == 3 and img.shape[2] > 1 and is_grey(img):
             # A grey photo arrives as one channel, its noise the same in every channel the
             # engine replicates it to: degrade it as one channel, as it will be seen.
-            return np.repeat(self(img[..., :1], rng), img.shape[2], axis=2)
-        u = lambda lo_hi: float(rng.uniform(*lo_hi))
-        if self.kind == "gaussian":
-            return gaussian(img, rng, u(self.sigma))
-        if self.kind == "poisson_gaussian":
-            return poisson_gaussian(img, rng, u(self.peak), u(self.sigma))
+            toned, degraded = self.toned_pair(img[..., :1], rng)
+            return np.repeat(toned, img.shape[2], axis=2), np.repeat(degraded, img.shape[2], axis=2)
+        u = self.draw
         if self.kind == "low_light":
-            return low_light(img, rng, u(self.exposure), u(self.gamma), u(self.peak), u(self.sigma))
+            dark = darken(img, u("exposure", rng), u("gamma", rng))
+            return dark, poisson_gaussian(dark, rng, u("peak", rng), u("sigma", rng))
+        if self.kind == "gaussian":
+            return img, gaussian(img, rng, u("sigma", rng))
+        if self.kind == "poisson_gaussian":
+            return img, poisson_gaussian(img, rng, u("peak", rng), u("sigma", rng))
         if self.kind == "sr":
-            return bicubic_sr(img, self.scale)
-        return jpeg(img, int(rng.integers(self.quality[0], self.quality[1] + 1)))
+            return img, bicubic_sr(img, self.scale)
+        return img, jpeg(img, int(rng.integers(self.quality[0], self.quality[1] + 1)))

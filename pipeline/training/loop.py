@@ -73,6 +73,7 @@ def initial_weights(cfg: ExperimentConfig) -> tuple[str, Checkpoint]:
 def init_model(cfg: ExperimentConfig) -> tuple[LoadedModel, str | None]:
     """The freshly built model, with ``model.init`` weights loaded strictly; and their sha256."""
     model = models.build(cfg.model.arch, cfg.model.config, task=cfg.task)
+    model.normalise_exposure = cfg.model.normalise_exposure
     if not cfg.model.init:
         if cfg.optim.zero_init_last:  # start as the identity map: never below the input's quality
             torch.nn.init.zeros_(model.module.conv_out.weight)
@@ -103,7 +104,8 @@ class Trainer:
         self.network = ctx.prepare_model(self.model.module)  # what the steps run (DDP across workers)
         d = cfg.data
         self.sampler = PatchSampler(ctx.pairs, d.patch, Degradation.from_config(d.degradation) if d.degradation
-                                    else None, d.mixup, sources=parse_sources(d.train.clean))
+                                    else None, d.mixup, sources=parse_sources(d.train.clean),
+                                    normalise_exposure=cfg.model.normalise_exposure)
         self.val_pairs = load_validation(cfg) if ctx.rank == 0 else []
         self.per_worker = cfg.train.batch_size // ctx.world
 
@@ -204,11 +206,13 @@ def export(model: LoadedModel, cfg: ExperimentConfig, options: RunOptions, histo
     if cfg.model.init:
         recipe["init"] = {"weights": options.init_as_given, "sha256": options.init_sha256}
     metadata = {"name": cfg.name, "task": cfg.task, "scale": cfg.scale, "recipe": recipe,
-                "validation": {k: v for k, v in last_val.items() if k.startswith("val_")}}
+                "validation": {k: v for k, v in last_val.items() if k.startswith("val_")},
+                "normalise_exposure": cfg.model.normalise_exposure}
     data = to_bytes(model.module, cfg.model.arch, cfg.model.config, **metadata)
     store.storage.write("model.safetensors", data)
     card = models.ModelCard(name=cfg.name, arch=cfg.model.arch, config=cfg.model.config, task=cfg.task,
                             scale=cfg.scale, weights="model.safetensors", sha256=sha256_hex(data),
-                            recipe=recipe, metrics=metadata["validation"], **cfg.card)
+                            recipe=recipe, metrics=metadata["validation"],
+                            normalise_exposure=cfg.model.normalise_exposure, **cfg.card)
     store.storage.write("card.json", json.dumps(card.to_json(), indent=1).encode())
     return store.storage.display("model.safetensors")

@@ -13,7 +13,7 @@ import torch
 
 from models.loaded import LoadedModel
 
-from ..imaging import as_8bit
+from ..imaging import ExposureCurve, as_8bit
 from ..metrics import score
 from .config import ExperimentConfig
 from .data import Pair, list_keys, load_pair, validation_pairs
@@ -51,7 +51,10 @@ def load_validation(cfg: ExperimentConfig) -> list[ValidationPair]:
 
 
 def restore(model: LoadedModel, img: np.ndarray, device: torch.device) -> np.ndarray:
-    """Whole-image inference of one (H, W, 3) float image, clamped to [0, 1] and quantised to 8 bits."""
+    """Whole-image inference of one (H, W, 3) float image, clamped to [0, 1] and quantised to 8 bits
+    (through the model's exposure curve first, if it was trained with one)."""
+    if model.normalise_exposure:
+        img = ExposureCurve.measure(img)(img)
     x = torch.from_numpy(np.ascontiguousarray(img.transpose(2, 0, 1)))[None].to(device)
     with torch.no_grad():
         y = model(x).clamp(0, 1)

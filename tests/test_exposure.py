@@ -1,0 +1,108 @@
+"""Exposure normalisation (pipeline.imaging.ExposureCurve): what it measures on real photos, and
+that the engine, training and the model files apply the same curve, measured on the whole image."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+import models
+from models.cards import ModelCard
+from pipeline.engine import EngineSettings, restore_array
+from pipeline.imaging import ExposureCurve, as_8bit, luma
+from pipeline.training.data import PatchSampler, load_training_pairs
+from pipeline.training.degrade import Degradation
+
+from .conftest import photo
+
+
+def as_float(name: str) -> np.ndarray:
+    return photo(name).astype(np.float32) / 255
+
+
+def psnr(a: np.ndarray, b: np.ndarray) -> float:
+    return float(10 * np.log10(1.0 / max(np.mean((a.astype(np.float64) - b) ** 2), 1e-12)))
+
+
+def test_under_exposure_is_undone_by_the_white_point_alone():
+    clean = as_float("astronaut")  # spans the whole range: its white point is white
+    dark = as_8bit(clean * 0.25)
+    curve = ExposureCurve.measure(dark)
+    assert curve.gain == pytest.approx(4.0, rel=0.05) and curve.gamma == 1.0
+    assert psnr(curve(dark), clean) > 30.0
+    assert psnr(dark, clean) < 15.0
+
+
+def test_a_normally_exposed_photo_passes_almost_unchanged_and_nothing_is_darkened():
+    clean = as_float("coffee")
+    curve = ExposureCurve.measure(clean)
+    assert 1.0 <= curve.gain < 1.05 and curve.gamma == 1.0
+    assert psnr(curve(clean), clean) > 35.0
+    assert ExposureCurve.measure(np.ones((8, 8, 3), np.float32)) == ExposureCurve(1.0, 1.0)
+
+
+def test_a_dark_image_is_lifted_towards_middle_grey_within_the_limits():
+    clean = as_float("coffee")
+    dark = as_8bit(clean ** 2.2)  # white stays white: only the lift can brighten it
+    curve = ExposureCurve.measure(dark)
+    assert curve.gamma < 0.7 and curve.gain < 1.1
+    mean = float(luma(dark).mean())
+    assert mean ** curve.gamma == pytest.approx(ExposureCurve.TARGET_MEAN, rel=1e-3)  # the mean maps to middle grey
+    assert 0.3 < float(luma(curve(dark)).mean()) < 0.5
+    assert psnr(curve(dark), clean) > psnr(dark, clean) + 10
+    night = np.full((64, 64, 3), 0.01, np.float32)
+    night[:8, :8] = 1.0  # a lamp: the white point stays, the lift is capped
+    assert ExposureCurve.measure(night).gamma == ExposureCurve.MIN_GAMMA
+
+
+def test_grey_images_are_measured_on_their_one_channel():
+    grey = as_float("camera")[:, :, None]
+    curve = ExposureCurve.measure(as_8bit(grey * 0.5))
+    assert curve.gain == pytest.approx(2.0, rel=0.05)
+    assert curve(grey).shape == grey.shape
+
+
+def identity_model(tmp_path, normalise_exposure: bool) -> models.LoadedModel:
+    """A tiny MIRNet-v2 whose last convolution is zero: the identity map, so the output is its input."""
+    model = models.build("mirnet_v2", n_feat=4, n_RRG=1, n_MRB=1)
+    with torch.no_grad():
+        model.module.conv_out.weight.zero_()
+    path = tmp_path / f"identity-{normalise_exposure}.safetensors"
+    models.save(model, str(path), task="enhance", name="identity", normalise_exposure=normalise_exposure)
+    return models.load(str(path))
+
+
+def test_engine_measures_the_curve_on_the_whole_image_not_per_tile(tmp_path):
+    dark = np.rint(photo("astronaut")[:256, :320] * 0.2).astype(np.uint8)
+    model = identity_model(tmp_path, True)
+    assert model.normalise_exposure
+    settings = EngineSettings(tile=64, overlap=16)  # 30 tiles: a curve per tile would differ between them
+    restored = restore_array(dark, model, settings)
+    floats = dark.astype(np.float32) / 255
+    expected = np.rint(ExposureCurve.measure(floats)(floats) * 255)
+    assert np.abs(restored.astype(int) - expected).max() <= 1
+    assert restored.mean() > 3 * dark.mean()
+    plain = restore_array(dark, identity_model(tmp_path, False), settings)
+    assert np.abs(plain.astype(int) - dark).max() <= 1
+
+
+def test_the_flag_travels_with_cards_and_checkpoints(tmp_path):
+    model = identity_model(tmp_path, True)
+    card = ModelCard("exposure-card", "mirnet_v2", model.config, "enhance", normalise_exposure=True)
+    assert ModelCard.from_json(card.to_json()).normalise_exposure
+    assert not identity_model(tmp_path, False).normalise_exposure
+
+
+def test_training_patches_see_the_curve_measured_around_them():
+    pairs = load_training_pairs("skimage://astronaut", None)
+    exposure_only = Degradation("low_light", exposure=(0.1, 0.1), gamma=(1.0, 1.0), peak=(1e7, 1e7), sigma=(0, 0))
+    normalised = PatchSampler(pairs, 32, exposure_only, normalise_exposure=True)
+    inp, tgt = normalised.batch(4, np.random.default_rng(3))
+    again, _ = normalised.batch(4, np.random.default_rng(3))
+    assert np.array_equal(inp, again)
+    raw, raw_tgt = PatchSampler(pairs, 32, exposure_only).batch(4, np.random.default_rng(3))
+    assert np.abs(raw - raw_tgt).mean() > 0.2  # the darkened patch as it is
+    # The target is the noise-free darkened region through the same curve: here they differ only by the
+    # input's 8-bit steps times the gain of about 10 (a quarter of a step on average: 0.01).
+    assert np.abs(inp - tgt).mean() < 0.02
+    assert tgt.mean() > 0.25 and inp.mean() > 0.25  # both brought back by the context's white point

@@ -136,8 +136,10 @@ class Restorer:
                 alpha = quantise(resize_bicubic(alpha[:, :, None], h, w, peak), peak, alpha.dtype)[:, :, 0]
         elif self.model.normalise_exposure:  # one curve for the whole page, measured on all of it
             floats = samples.astype(np.float32) / np.float32(peak)
-            floats = ExposureCurve.measure(floats)(floats)
+            curve = ExposureCurve.measure(floats)
+            floats = curve(floats)
             source = lambda y, x, th, tw: floats[y:y + th, x:x + tw]
+            return PageJob(source, h, w, samples.shape[2], peak, samples.dtype, strength=curve.strength), alpha
         else:
             source = lambda y, x, th, tw: samples[y:y + th, x:x + tw].astype(np.float32) / peak
         return PageJob(source, h, w, samples.shape[2], peak, samples.dtype), alpha
@@ -224,6 +226,9 @@ class PageBlend:
         self.blender = StripeBlender(job.width, job.channels, self._emit)
 
     def _emit(self, top: int, rows: np.ndarray) -> None:
+        if self.job.strength != 1.0:  # keep that share of the model's correction of its input
+            inputs = self.job.source(top, 0, rows.shape[0], self.job.width)
+            rows = inputs + np.float32(self.job.strength) * (rows - inputs)
         if self.job.sink is not None:  # streamed: finished rows go straight out, unquantised
             self.job.sink(top, rows)
         else:
@@ -249,6 +254,7 @@ class PageJob:
     # Streamed page: finished float rows (top, rows) are handed here as the blender emits them
     # instead of being kept in an output array (restore_arrays then returns None for the page).
     sink: Callable[[int, np.ndarray], None] | None = None
+    strength: float = 1.0  # share of the model's correction kept: input + strength x (output - input)
 
 
 def restore_array(array: np.ndarray, model: LoadedModel, settings: EngineSettings = EngineSettings(),

@@ -68,18 +68,25 @@ class ExposureCurve:
     2. Lift: if the mean luma is still below ``DARK_MEAN``, the gamma curve that maps that
        mean to ``TARGET_MEAN`` (sRGB middle grey, what an exposure meter aims at), no steeper
        than undoing a gamma of ``1 / MIN_GAMMA``.
+    3. Strength: the share of the network's correction the engine keeps, from the luma noise
+       measured after the curve (:func:`noise_sigma`): none up to ``NOISE_FLOOR`` 8-bit levels
+       (what the curve leaves is clean, and a small network would only smooth its texture),
+       all of it from ``NOISE_FULL``, linear between.
 
-    A normally exposed image passes almost unchanged (gain near 1, no lift).
+    A normally exposed image passes almost unchanged (gain near 1, no lift, strength 0).
     """
 
     gain: float = 1.0
     gamma: float = 1.0
+    strength: float = 1.0
 
     WHITE_PERCENTILE = 99.9
     MAX_GAIN = 32.0
     DARK_MEAN = 0.35
     TARGET_MEAN = 0.46
     MIN_GAMMA = 0.4
+    NOISE_FLOOR = 4.0
+    NOISE_FULL = 12.0
     MEASURED_PIXELS = 1 << 20  # larger images are measured on an evenly strided subsample
 
     @classmethod
@@ -94,7 +101,9 @@ class ExposureCurve:
         gamma = 1.0
         if 0.0 < mean < cls.DARK_MEAN:
             gamma = max(float(np.log(cls.TARGET_MEAN) / np.log(mean)), cls.MIN_GAMMA)
-        return cls(gain, gamma)
+        noise = noise_sigma(cls(gain, gamma)(sample)) * PEAK_8
+        strength = float(np.clip((noise - cls.NOISE_FLOOR) / (cls.NOISE_FULL - cls.NOISE_FLOOR), 0.0, 1.0))
+        return cls(gain, gamma, strength)
 
     def __call__(self, values: np.ndarray) -> np.ndarray:
         """``values`` (floats in [0, 1]) through the curve, as float32."""
@@ -108,3 +117,17 @@ LUMA_WEIGHTS = np.array([0.299, 0.587, 0.114], dtype=np.float32)  # BT.601
 def luma(image: np.ndarray) -> np.ndarray:
     """(H, W) luma of an (H, W, C) float image: BT.601 for RGB, the mean of the channels otherwise."""
     return image @ LUMA_WEIGHTS if image.shape[2] == 3 else image.mean(axis=2)
+
+
+def noise_sigma(image: np.ndarray) -> float:
+    """The standard deviation of the white noise in the luma of an (H, W, C) float image (noise
+    independent per RGB channel: 0.67 times the channels'): the median absolute value of the
+    finest diagonal Haar detail over 0.6745 (Donoho's estimator), which edges and texture
+    disturb far less than a plain variance."""
+    values = luma(image)
+    h, w = values.shape[0] // 2 * 2, values.shape[1] // 2 * 2
+    if h == 0 or w == 0:
+        return 0.0
+    v = values[:h, :w]
+    diagonal = (v[0::2, 0::2] - v[0::2, 1::2] - v[1::2, 0::2] + v[1::2, 1::2]) / 2
+    return float(np.median(np.abs(diagonal)) / 0.6745)

@@ -9,7 +9,7 @@ import torch
 import models
 from models.cards import ModelCard
 from pipeline.engine import EngineSettings, restore_array
-from pipeline.imaging import ExposureCurve, as_8bit, luma
+from pipeline.imaging import ExposureCurve, as_8bit, luma, noise_sigma
 from pipeline.training.data import PatchSampler, load_training_pairs
 from pipeline.training.degrade import Degradation
 
@@ -38,7 +38,22 @@ def test_a_normally_exposed_photo_passes_almost_unchanged_and_nothing_is_darkene
     curve = ExposureCurve.measure(clean)
     assert 1.0 <= curve.gain < 1.05 and curve.gamma == 1.0
     assert psnr(curve(clean), clean) > 35.0
-    assert ExposureCurve.measure(np.ones((8, 8, 3), np.float32)) == ExposureCurve(1.0, 1.0)
+    assert ExposureCurve.measure(np.ones((8, 8, 3), np.float32)) == ExposureCurve(1.0, 1.0, strength=0.0)
+
+
+def test_strength_follows_the_noise_left_after_the_curve():
+    clean = as_float("astronaut")
+    rng = np.random.default_rng(0)
+    noisy = lambda sigma: as_8bit(clean + rng.normal(0, sigma / 255, clean.shape).astype(np.float32))  # noqa: E731
+    luma_share = float(np.sqrt(np.sum(np.array([0.299, 0.587, 0.114]) ** 2)))  # of noise independent per channel
+    assert noise_sigma(noisy(25)) * 255 == pytest.approx(25 * luma_share, rel=0.15)  # texture barely moves it
+    assert noise_sigma(clean) * 255 < 2
+    assert ExposureCurve.measure(as_8bit(clean * 0.25)).strength == 0.0  # a clean under-exposure
+    assert ExposureCurve.measure(noisy(25)).strength == 1.0
+    assert 0.0 < ExposureCurve.measure(noisy(8)).strength < 1.0
+    # Shot noise of a dark exposure, amplified by the white point: the network's job.
+    dark = as_8bit(np.random.default_rng(1).poisson(clean * 0.1 * 300) / 300)
+    assert ExposureCurve.measure(dark).strength == 1.0
 
 
 def test_a_dark_image_is_lifted_towards_middle_grey_within_the_limits():
@@ -84,6 +99,26 @@ def test_engine_measures_the_curve_on_the_whole_image_not_per_tile(tmp_path):
     assert restored.mean() > 3 * dark.mean()
     plain = restore_array(dark, identity_model(tmp_path, False), settings)
     assert np.abs(plain.astype(int) - dark).max() <= 1
+
+
+def test_engine_keeps_the_share_of_the_network_the_noise_asks_for(tmp_path):
+    torch.manual_seed(0)
+    model = models.build("mirnet_v2", n_feat=4, n_RRG=1, n_MRB=1)  # random weights: far from the identity
+    models.save(model, str(tmp_path / "random.safetensors"), task="enhance", normalise_exposure=True)
+    model = models.load(str(tmp_path / "random.safetensors"))
+    clean_dark = np.rint(photo("astronaut")[:128, :128] * 0.25).astype(np.uint8)
+    floats = clean_dark.astype(np.float32) / 255
+    curve = ExposureCurve.measure(floats)
+    assert curve.strength == 0.0
+    assert np.abs(restore_array(clean_dark, model).astype(int) - np.rint(curve(floats) * 255)).max() <= 1
+    noisy = np.clip(clean_dark + np.random.default_rng(0).normal(0, 6, clean_dark.shape), 0, 255).astype(np.uint8)
+    floats = noisy.astype(np.float32) / 255
+    curve = ExposureCurve.measure(floats)
+    assert curve.strength == 1.0
+    with torch.no_grad():
+        full = model(torch.from_numpy(curve(floats)).permute(2, 0, 1)[None])[0].permute(1, 2, 0).numpy()
+    assert np.abs(restore_array(noisy, model, EngineSettings(precision="fp32")).astype(int)
+                  - np.rint(np.clip(full, 0, 1) * 255)).max() <= 1
 
 
 def test_the_flag_travels_with_cards_and_checkpoints(tmp_path):

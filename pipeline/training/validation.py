@@ -52,13 +52,14 @@ def load_validation(cfg: ExperimentConfig) -> list[ValidationPair]:
 
 def restore(model: LoadedModel, img: np.ndarray, device: torch.device) -> np.ndarray:
     """Whole-image inference of one (H, W, 3) float image, clamped to [0, 1] and quantised to 8 bits
-    (through the model's exposure curve first, if it was trained with one)."""
-    if model.normalise_exposure:
-        img = ExposureCurve.measure(img)(img)
+    (through the model's exposure curve first, if it was trained with one, and with the curve's
+    strength, as the engine does)."""
+    curve = ExposureCurve.measure(img) if model.normalise_exposure else ExposureCurve()
+    img = curve(img)
     x = torch.from_numpy(np.ascontiguousarray(img.transpose(2, 0, 1)))[None].to(device)
     with torch.no_grad():
-        y = model(x).clamp(0, 1)
-    return as_8bit(y[0].permute(1, 2, 0).cpu().numpy())
+        y = model(x)[0].permute(1, 2, 0).cpu().numpy()
+    return as_8bit(img + curve.strength * (y - img))
 
 
 def validate(model: LoadedModel, pairs: list[ValidationPair], cfg: ExperimentConfig, device: torch.device,

@@ -193,7 +193,11 @@ class Restorer:
         """One attempt at the pages: tiles in row order within each page, batched by shape. One batch
         stays in flight: the next is queued before the previous one's values are blended."""
         pages = [PageBlend(job, tile, self.settings.overlap) for job in jobs]
-        queue = [(p, r, t) for p, page in enumerate(pages) for r, row in enumerate(page.rows) for t in row]
+        for page in pages:
+            if page.job.strength == 0.0:
+                page.pass_through()
+        queue = [(p, r, t) for p, page in enumerate(pages) if page.job.strength != 0.0
+                 for r, row in enumerate(page.rows) for t in row]
         batches: list[list[tuple[int, int, Tile]]] = []
         for item in queue:
             if batches and len(batches[-1]) < batch_size and batches[-1][0][2].window.shape == item[2].window.shape:
@@ -229,6 +233,13 @@ class PageBlend:
         if self.job.strength != 1.0:  # keep that share of the model's correction of its input
             inputs = self.job.source(top, 0, rows.shape[0], self.job.width)
             rows = inputs + np.float32(self.job.strength) * (rows - inputs)
+        self._store(top, rows)
+
+    def pass_through(self) -> None:
+        """The page's input as its output (strength 0: the model would not change it)."""
+        self._store(0, self.job.source(0, 0, self.job.height, self.job.width))
+
+    def _store(self, top: int, rows: np.ndarray) -> None:
         if self.job.sink is not None:  # streamed: finished rows go straight out, unquantised
             self.job.sink(top, rows)
         else:

@@ -110,7 +110,11 @@ def test_engine_keeps_the_share_of_the_network_the_noise_asks_for(tmp_path):
     floats = clean_dark.astype(np.float32) / 255
     curve = ExposureCurve.measure(floats)
     assert curve.strength == 0.0
+    calls: list[int] = []
+    hook = model.module.register_forward_hook(lambda *args: calls.append(1))
     assert np.abs(restore_array(clean_dark, model).astype(int) - np.rint(curve(floats) * 255)).max() <= 1
+    assert not calls  # strength 0: the page is the curve's output, and the network never runs
+    hook.remove()
     noisy = np.clip(clean_dark + np.random.default_rng(0).normal(0, 6, clean_dark.shape), 0, 255).astype(np.uint8)
     floats = noisy.astype(np.float32) / 255
     curve = ExposureCurve.measure(floats)

@@ -327,6 +327,7 @@ def test_log_uniform_ranges_draw_each_decade_alike_and_bad_names_are_refused():
     assert abs((plain < 1000).mean() - 900 / 9900) < 0.03
     with pytest.raises(ValueError, match="quality cannot be drawn log-uniformly"):
         Degradation("jpeg", log_uniform=("quality",))
-    with pytest.raises(ConfigError, match="data.degradation: log_uniform ranges must be above 0"):
+    assert Degradation("low_light", peak=(1, 10), log_uniform="peak").log_uniform == ("peak",)
+    with pytest.raises(ConfigError, match=r"data.degradation: log_uniform: the sigma range \[0.0, 50.0\] must be above 0"):
         load_config({"name": "x", "data": {"train": {"clean": "skimage://astronaut"},
                                            "degradation": {"kind": "gaussian", "log_uniform": ["sigma"]}}})

@@ -76,11 +76,14 @@ class Degradation:
     def __post_init__(self) -> None:
         if self.kind not in KINDS:
             raise ValueError(f"unknown degradation {self.kind!r}; choose one of {', '.join(KINDS)}")
+        if isinstance(self.log_uniform, str):  # one name written without a list
+            object.__setattr__(self, "log_uniform", (self.log_uniform,))
         wrong = sorted(set(self.log_uniform) - {"sigma", "peak", "exposure", "gamma"})
         if wrong:
             raise ValueError(f"log_uniform: {', '.join(wrong)} cannot be drawn log-uniformly (sigma, peak, exposure, gamma)")
-        if any(getattr(self, name)[0] <= 0 for name in self.log_uniform):
-            raise ValueError("log_uniform ranges must be above 0")
+        for name in self.log_uniform:
+            if getattr(self, name)[0] <= 0:
+                raise ValueError(f"log_uniform: the {name} range {list(getattr(self, name))} must be above 0")
 
     def draw(self, name: str, rng: np.random.Generator) -> float:
         """One value of the ``name`` range: uniform, or log-uniform if named in ``log_uniform``."""

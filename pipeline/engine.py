@@ -23,7 +23,7 @@ from models import LoadedModel
 
 from .codecs import DecodedImage, Page
 from .device_runner import DeviceRunner, InFlight
-from .imaging import ExposureCurve, peak_of, quantise, resize_bicubic
+from .imaging import ExposureCurve, keep_share, peak_of, quantise, resize_bicubic
 from .settings import EngineError, EngineSettings
 from .tiling import StripeBlender, Tile, TileGrid
 
@@ -128,6 +128,7 @@ class Restorer:
         first for super-resolution, or through the page's exposure curve for a model trained with
         one; and its alpha, resized to match."""
         h, w, _ = samples.shape
+        strength = 1.0
         if self.scale > 1:
             h, w = h * self.scale, w * self.scale
             upsampled = resize_bicubic(samples, h, w, peak)
@@ -137,12 +138,11 @@ class Restorer:
         elif self.model.normalise_exposure:  # one curve for the whole page, measured on all of it
             floats = samples.astype(np.float32) / np.float32(peak)
             curve = ExposureCurve.measure(floats)
-            floats = curve(floats)
+            floats, strength = curve(floats), curve.strength
             source = lambda y, x, th, tw: floats[y:y + th, x:x + tw]
-            return PageJob(source, h, w, samples.shape[2], peak, samples.dtype, strength=curve.strength), alpha
         else:
             source = lambda y, x, th, tw: samples[y:y + th, x:x + tw].astype(np.float32) / peak
-        return PageJob(source, h, w, samples.shape[2], peak, samples.dtype), alpha
+        return PageJob(source, h, w, samples.shape[2], peak, samples.dtype, strength=strength), alpha
 
     def restore_arrays(self, jobs: list["PageJob"]) -> list[np.ndarray | None]:
         """Tile, restore and blend pages, batching tiles across them.
@@ -231,8 +231,7 @@ class PageBlend:
 
     def _emit(self, top: int, rows: np.ndarray) -> None:
         if self.job.strength != 1.0:  # keep that share of the model's correction of its input
-            inputs = self.job.source(top, 0, rows.shape[0], self.job.width)
-            rows = inputs + np.float32(self.job.strength) * (rows - inputs)
+            rows = keep_share(self.job.source(top, 0, rows.shape[0], self.job.width), rows, self.job.strength)
         self._store(top, rows)
 
     def pass_through(self) -> None:

@@ -106,9 +106,18 @@ class ExposureCurve:
         return cls(gain, gamma, strength)
 
     def __call__(self, values: np.ndarray) -> np.ndarray:
-        """``values`` (floats in [0, 1]) through the curve, as float32."""
-        out = np.clip(np.asarray(values, dtype=np.float32) * np.float32(self.gain), 0.0, 1.0)
-        return out if self.gamma == 1.0 else np.power(out, np.float32(self.gamma))
+        """``values`` (floats in [0, 1]) through the curve, as a new float32 array (one copy: a
+        whole page's worth in the engine)."""
+        out = np.asarray(values, dtype=np.float32) * np.float32(self.gain)
+        np.clip(out, 0.0, 1.0, out=out)
+        if self.gamma != 1.0:
+            np.power(out, np.float32(self.gamma), out=out)
+        return out
+
+
+def keep_share(inputs: np.ndarray, outputs: np.ndarray, share: float) -> np.ndarray:
+    """``inputs`` plus ``share`` of a model's correction ``outputs - inputs`` (``outputs`` itself at 1)."""
+    return outputs if share == 1.0 else inputs + np.float32(share) * (outputs - inputs)
 
 
 LUMA_WEIGHTS = np.array([0.299, 0.587, 0.114], dtype=np.float32)  # BT.601

@@ -13,7 +13,7 @@ import torch
 
 from models.loaded import LoadedModel
 
-from ..imaging import ExposureCurve, as_8bit
+from ..imaging import ExposureCurve, as_8bit, keep_share
 from ..metrics import score
 from .config import ExperimentConfig
 from .data import Pair, list_keys, load_pair, validation_pairs
@@ -54,12 +54,14 @@ def restore(model: LoadedModel, img: np.ndarray, device: torch.device) -> np.nda
     """Whole-image inference of one (H, W, 3) float image, clamped to [0, 1] and quantised to 8 bits
     (through the model's exposure curve first, if it was trained with one, and with the curve's
     strength, as the engine does)."""
-    curve = ExposureCurve.measure(img) if model.normalise_exposure else ExposureCurve()
-    img = curve(img)
+    strength = 1.0
+    if model.normalise_exposure:
+        curve = ExposureCurve.measure(img)
+        img, strength = curve(img), curve.strength
     x = torch.from_numpy(np.ascontiguousarray(img.transpose(2, 0, 1)))[None].to(device)
     with torch.no_grad():
         y = model(x)[0].permute(1, 2, 0).cpu().numpy()
-    return as_8bit(img + curve.strength * (y - img))
+    return as_8bit(keep_share(img, y, strength))
 
 
 def validate(model: LoadedModel, pairs: list[ValidationPair], cfg: ExperimentConfig, device: torch.device,

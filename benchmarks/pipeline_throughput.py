@@ -10,6 +10,11 @@ finished image.
 
     python -m benchmarks.pipeline_throughput [--images 24] [--size 256] [--model NAME_OR_PATH]
         [--replica-share 0.75] [--light-cpus 0.25]   # Ray's CPU shares (pipeline/graph.py), to size them
+        [--compile on|off|auto] [--cache-dir DIR]   # the executors' torch.compile (the plain loop stays eager)
+
+With compile, each executor starts from an empty kernel cache (what the first job on a
+fresh node pays), or with ``--cache-dir`` from a shared one: the in-process run fills it and
+the Ray run starts warm (what a later job on the same node pays).
 """
 from __future__ import annotations
 
@@ -74,6 +79,9 @@ def main() -> dict:
     parser.add_argument("--model")
     parser.add_argument("--replica-share", type=float, help="CPU share a replica reserves per core it uses")
     parser.add_argument("--light-cpus", type=float, help="CPUs a read / decode / write task reserves")
+    parser.add_argument("--compile", choices=("on", "off", "auto"), default="auto")
+    parser.add_argument("--cache-dir", help="compiled kernels cache shared by the executors (default: an empty "
+                                            "one each)")
     parser.add_argument("--json")
     args = parser.parse_args()
     from pipeline import graph
@@ -84,6 +92,7 @@ def main() -> dict:
 
     model = args.model or models.default_for("denoise").name
     cpus = os.cpu_count() or 1
+    compile_mode = {"on": True, "off": False, "auto": None}[args.compile]
 
     from pipeline.engine import EngineSettings
     from pipeline.ray_runtime import connect
@@ -99,18 +108,20 @@ def main() -> dict:
         plain_seconds, plain_steady = plain_loop(src, Path(tmp) / "plain", model)
         seconds, steady = {}, {}
         for executor in ("inline", "ray"):
+            os.environ["TORCHINDUCTOR_CACHE_DIR"] = args.cache_dir or str(Path(tmp) / f"inductor-{executor}")
             start = time.perf_counter()
             if executor == "ray":
                 connect()
                 startup = time.perf_counter() - start
             plan = make_plan(str(src), str(Path(tmp) / executor))
-            spec = JobSpec(plan.source, plan.output, model, "denoise", None, EngineSettings())
+            spec = JobSpec(plan.source, plan.output, model, "denoise", None, EngineSettings(compile=compile_mode))
             result = execute(plan, spec, executor=executor, quiet=True)
             seconds[executor] = time.perf_counter() - start
             steady[executor] = steady_rate(Path(tmp) / executor)
             assert result.ok == args.images, result.failures[:1]
     rate = {name: round(args.images / value, 3) for name, value in seconds.items()}
     report = {"images": args.images, "size": args.size, "model": model, "cpus": cpus,
+              "compile": args.compile, "kernel_cache": "shared" if args.cache_dir else "empty per executor",
               "replica_share": graph.CPU_REPLICA_SHARE, "light_task_cpus": graph.LIGHT_TASK_CPUS,
               "plain_loop_images_per_s": round(args.images / plain_seconds, 3),
               "inline_images_per_s": rate["inline"], "pipeline_images_per_s": rate["ray"],

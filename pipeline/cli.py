@@ -132,9 +132,9 @@ def main(verbose: bool) -> None:
 @click.option("--device", help="torch device for in-process runs (default: cuda if available).")
 @click.option("--tta", is_flag=True, help="x8 self-ensemble (flips and quarter turns): about +0.1 dB, eight "
                                          "times the time.")
-@click.option("--compile", "compile_model", is_flag=True,
-              help="torch.compile the model: about a minute per tile shape, then faster (large jobs; README, "
-                   "'Engine').")
+@click.option("--compile/--no-compile", "compile_model", default=None,
+              help="torch.compile the model: a minute or more per tile shape, then 1.6-2x faster. Default: "
+                   "when each replica has at least 100 images (CPU) or 2000 (GPU) (README, 'Engine').")
 @click.option("--address", help="Ray cluster address ('auto' or host:port); default RAY_ADDRESS, else embedded.")
 @click.option("--num-gpus", type=click.IntRange(min=0), help="GPU replicas (default: every GPU; 0 for CPU replicas).")
 @click.option("--replicas", type=click.IntRange(min=1), help="CPU replicas (default: CPUs / cpus-per-replica).")
@@ -170,7 +170,7 @@ def main(verbose: bool) -> None:
               help="NIfTI: restore volumes slice by slice across this voxel axis.")
 def restore(src: str, dst: str, task: str | None, model: str | None, scale: str | None, out_format: str | None,
             tile: int | None, overlap: int, batch_size: int | None, precision: str, device: str | None,
-            tta: bool, compile_model: bool,
+            tta: bool, compile_model: bool | None,
             address: str | None, num_gpus: int | None, replicas: int | None, cpus_per_replica: int | None,
             images_per_batch: int | None, num_cpus: int | None, runtime_env: str | None, include: tuple[str, ...],
             exclude: tuple[str, ...],

@@ -104,16 +104,17 @@ class DeviceRunner:
         self.dtype = pick_dtype(settings.precision, self.device, model)
         self.batch_size = settings.batch_size or (8 if self.device.type == "cuda" else 1)
         self.module = model.module.to(self.device).eval()
+        self.compiled = bool(settings.compile)  # False again if compilation fails (eager fallback)
         # channels_last pays only once compiled on CUDA (eager: about 15% slower; CPU: slower).
-        self.channels_last = self.device.type == "cuda" and settings.compile
+        self.channels_last = self.device.type == "cuda" and self.compiled
         if self.channels_last:
             self.module = self.module.to(memory_format=torch.channels_last)
-        if settings.compile:
+        if self.compiled:
             # Compiled kernels land in a cache on local disk that every replica of the node reuses.
             os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", str(compile_cache_dir()))
         # dynamic=False keeps each compiled shape specialised; buckets (BUCKET) and full batches
         # keep the shapes to a few, so a job compiles up front and never mid-way.
-        self.run_module = torch.compile(self.module, dynamic=False) if settings.compile else self.module
+        self.run_module = torch.compile(self.module, dynamic=False) if self.compiled else self.module
         self.compiled_shapes: dict[tuple[int, ...], float] = {}  # shape -> seconds of its first (compiling) call
         self.full_batch = self.batch_size  # what a compiled model's batches are filled to (halved on OOM)
         self.max_side = 0  # the tile side, once known: a compiled bucket never exceeds it
@@ -196,15 +197,27 @@ class DeviceRunner:
         the bucket (BUCKET) and a full batch, so that compiled shapes stay few."""
         b, _, h, w = batch.shape
         m = self.model.size_multiple
-        if not self.settings.compile:
+        if not self.compiled:
             return b, h + (-h) % m, w + (-w) % m
         step = BUCKET * m // math.gcd(BUCKET, m)
         limit = max(self.max_side, h, w)
         side = lambda n: min(n + (-n) % step, max(limit + (-limit) % m, n + (-n) % m))  # noqa: E731
         return max(b, self.full_batch), side(h), side(w)
 
+    def _compile_failed(self, error: Exception) -> None:
+        """Run eager from now on: compiling needs a working compiler toolchain (a C++ compiler on
+        CPUs, Triton on GPUs), which a node may lack. Outputs stay within the fast-mode bound."""
+        log.warning("torch.compile failed (%s: %s); running the model eager",
+                    type(error).__name__, str(error).strip().splitlines()[0][:300] if str(error).strip() else "")
+        self.compiled = False
+        if self.channels_last:  # channels_last was chosen for the compiled model only
+            self.module = self.module.to(memory_format=torch.contiguous_format)
+            self.channels_last = False
+        self.run_module = self.module
+
     def _forward_once(self, batch: torch.Tensor) -> torch.Tensor:
         """Pad to the static shape (reflecting, or replicating where the pad exceeds the tile), run, crop back."""
+        tiles = batch
         b, _, h, w = batch.shape
         sb, sh, sw = self.static_shape(batch)
         batch = pad_to(batch, sh, sw)
@@ -212,10 +225,16 @@ class DeviceRunner:
             batch = torch.cat([batch, batch.new_zeros((sb - b, *batch.shape[1:]))])
         if self.channels_last:
             batch = batch.contiguous(memory_format=torch.channels_last)
-        first = self.settings.compile and tuple(batch.shape) not in self.compiled_shapes
+        first = self.compiled and tuple(batch.shape) not in self.compiled_shapes
         start = time.perf_counter()
-        with torch.inference_mode(), self.autocast():
-            out = self.run_module(batch)
+        try:
+            with torch.inference_mode(), self.autocast():
+                out = self.run_module(batch)
+        except Exception as error:  # noqa: BLE001 - any compiler failure: the eager model still works
+            if not first or isinstance(error, torch.cuda.OutOfMemoryError):
+                raise
+            self._compile_failed(error)
+            return self._forward_once(tiles)
         if first:
             if self.device.type == "cuda":
                 torch.cuda.synchronize(self.device)

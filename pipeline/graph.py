@@ -137,8 +137,10 @@ def run_graph(spec: JobSpec, items: list[WorkItem], options: ClusterOptions, mod
     ctx.enable_progress_bars = False
     ctx.print_on_execution_start = False
     shape = pool_shape(options)
-    log.info("restoring with %d replica(s): %s", shape["size"], shape)
-    on_phase(f"starting {shape['size']} replica(s), loading the model")
+    spec = replace(spec, settings=spec.settings.with_compile_for(len(items) / shape["size"], shape["device"]))
+    log.info("restoring with %d replica(s): %s; compile: %s", shape["size"], shape, spec.settings.compile)
+    on_phase(f"starting {shape['size']} replica(s), loading the model"
+             + (" (compiling it: a minute or more)" if spec.settings.compile else ""))
     data = [ray.put(model.data)] if model.data is not None else []
     seed = [{"row": r} for r in stages.pack([{"key": i.key, "output_key": i.output_key} for i in items])["row"]]
     per_batch = shape["images_per_batch"]  # at least 1 (ClusterOptions checks it)

@@ -17,6 +17,7 @@ from . import codecs, stages
 import models
 from models import LoadedModel
 
+from .device_runner import pick_device
 from .engine import EngineSettings, Restorer, check_settings
 from .graph import ClusterOptions, cpu_replica_threads, run_graph
 from .lease import DestinationLease
@@ -229,8 +230,10 @@ def execute(plan: Plan, spec: JobSpec, *, executor: str = "ray", cluster: Cluste
     if executor == "inline" and runnable:  # before anything is written: a device this machine lacks is refused here
         progress.phase("loading the model")
         try:
+            # The threads share one model: it compiles once, for all the images.
+            settings = spec.settings.with_compile_for(len(runnable), pick_device(spec.settings.device).type)
             local = restorer or Restorer(model or models.resolve(spec.model, spec.task, spec.scale,
-                                                                 spec.source.options), spec.settings)
+                                                                 spec.source.options), settings)
         except BaseException:
             progress.close()
             raise
@@ -244,7 +247,7 @@ def execute(plan: Plan, spec: JobSpec, *, executor: str = "ray", cluster: Cluste
         if not runnable:
             return
         if local is not None:
-            progress.phase("restoring")
+            progress.phase("restoring" + (", compiling the model first" if local.runner.compiled else ""))
             yield from run_inline(spec, runnable, local, on_tiles=progress.tiles)
         else:
             yield from run_graph(spec, runnable, cluster, model=model, on_phase=progress.phase)

@@ -252,6 +252,40 @@ def test_compiled_models_see_few_static_shapes():
         assert psnr(a, b) > 35  # the padding differs, the content does not
 
 
+@pytest.mark.parametrize("device", ["cpu", "cuda"])
+def test_compile_is_decided_per_job_from_images_per_replica(device):
+    """Left to the job (None), compile is on once each replica has COMPILE_PAYS_AFTER images; an
+    explicit choice stands, and a device without a measured threshold stays eager."""
+    from pipeline.settings import COMPILE_PAYS_AFTER
+
+    enough = COMPILE_PAYS_AFTER[device]
+    assert EngineSettings().with_compile_for(enough, device).compile is True
+    assert EngineSettings().with_compile_for(enough - 0.5, device).compile is False
+    assert EngineSettings(compile=False).with_compile_for(10 * enough, device).compile is False
+    assert EngineSettings(compile=True).with_compile_for(1, device).compile is True
+    assert EngineSettings().with_compile_for(10 * enough, "mps").compile is False
+
+
+@pytest.mark.slow
+def test_a_node_without_a_compiler_restores_eager(spec, monkeypatch, tmp_path, caplog):
+    """Compiling needs a C++ compiler on CPUs: without one the first call fails, the runner warns
+    once and runs eager, and the image comes out exactly as an eager run's."""
+    import logging
+
+    import torch._inductor.config as inductor
+
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path / "empty-cache"))  # nothing cached to hide it
+    monkeypatch.setattr(inductor.cpp, "cxx", (str(tmp_path / "no-such-c++"),))
+    settings = EngineSettings(tile=64, overlap=8, precision="fp32")
+    img = photo("coffee")[:96, :120]
+    compiled = Restorer(spec, replace(settings, compile=True))
+    with caplog.at_level(logging.WARNING, logger="pipeline.device_runner"):
+        out = compiled.restore_arrays([float_job(img)])[0]
+    assert compiled.runner.compiled is False and compiled.runner.run_module is compiled.runner.module
+    assert caplog.text.count("torch.compile failed") == 1 and "C++ compiler" in caplog.text
+    np.testing.assert_array_equal(out, Restorer(spec, settings).restore_arrays([float_job(img)])[0])
+
+
 @pytest.mark.parametrize("dtype", [np.uint8, np.uint16, np.float32])
 def test_restore_array_keeps_dtype_and_layout(spec, dtype):
     """restore_array gives what the image path gives, in the input's dtype and layout (grey 2-D too)."""

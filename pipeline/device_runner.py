@@ -6,14 +6,16 @@ It sees batches of tiles, never images: cutting and blending tiles is ``engine.p
 """
 from __future__ import annotations
 
+import collections
 import contextlib
 import logging
 import math
 import os
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 import torch
 
@@ -25,6 +27,7 @@ from .settings import EngineError, EngineSettings, Precision
 log = logging.getLogger(__name__)
 
 BUCKET = 128  # compiled models see tile sides rounded up to a multiple of this (a few static shapes)
+MAX_COMPILED_SHAPES = 4  # each costs a compile (a minute on a CPU); rarer shapes beyond these run eager
 PROBE_SIDE = 128  # the memory probe's tile
 
 
@@ -94,6 +97,38 @@ class InFlight:
     grey: bool = False  # the tiles were one-channel: a colour model's output is averaged back
 
 
+class CompileGate:
+    """Model calls from several threads run side by side, but never beside a compiling call:
+    torch.compile tracing in one thread and an autocast call in another can deadlock. A
+    compiling call waits for the running ones to end, and new ones wait for it."""
+
+    def __init__(self) -> None:
+        self._state = threading.Condition()
+        self._running = self._waiting = 0
+        self._compiling = False
+
+    @contextlib.contextmanager
+    def call(self, compiling: bool) -> Iterator[None]:
+        with self._state:
+            if compiling:
+                self._waiting += 1
+                self._state.wait_for(lambda: not self._compiling and self._running == 0)
+                self._waiting -= 1
+                self._compiling = True
+            else:
+                self._state.wait_for(lambda: not self._compiling and self._waiting == 0)
+                self._running += 1
+        try:
+            yield
+        finally:
+            with self._state:
+                if compiling:
+                    self._compiling = False
+                else:
+                    self._running -= 1
+                self._state.notify_all()
+
+
 class DeviceRunner:
     """One model on one device, at one precision; runs NCHW float batches in [0, 1]."""
 
@@ -116,6 +151,8 @@ class DeviceRunner:
         # keep the shapes to a few, so a job compiles up front and never mid-way.
         self.run_module = torch.compile(self.module, dynamic=False) if self.compiled else self.module
         self.compiled_shapes: dict[tuple[int, ...], float] = {}  # shape -> seconds of its first (compiling) call
+        self.shape_calls: collections.Counter[tuple[int, ...]] = collections.Counter()  # calls of not yet compiled shapes
+        self.gate = CompileGate()  # the in-process executor's threads share this runner
         self.full_batch = self.batch_size  # what a compiled model's batches are filled to (halved on OOM)
         self.max_side = 0  # the tile side, once known: a compiled bucket never exceeds it
         self._copy_stream = torch.cuda.Stream(self.device) if self.device.type == "cuda" else None
@@ -204,6 +241,16 @@ class DeviceRunner:
         side = lambda n: min(n + (-n) % step, max(limit + (-limit) % m, n + (-n) % m))  # noqa: E731
         return max(b, self.full_batch), side(h), side(w)
 
+    def _compile_shape(self, shape: tuple[int, ...]) -> bool:
+        """Whether this call runs compiled: a shape compiles at its ``compile_after_calls``-th call
+        (a job that compiles by default leaves rare shapes eager), and at most MAX_COMPILED_SHAPES do."""
+        if shape in self.compiled_shapes:
+            return True
+        if len(self.compiled_shapes) >= MAX_COMPILED_SHAPES:
+            return False
+        self.shape_calls[shape] += 1
+        return self.shape_calls[shape] >= self.settings.compile_after_calls
+
     def _compile_failed(self, error: Exception) -> None:
         """Run eager from now on: compiling needs a working compiler toolchain (a C++ compiler on
         CPUs, Triton on GPUs), which a node may lack. Outputs stay within the fast-mode bound."""
@@ -225,11 +272,13 @@ class DeviceRunner:
             batch = torch.cat([batch, batch.new_zeros((sb - b, *batch.shape[1:]))])
         if self.channels_last:
             batch = batch.contiguous(memory_format=torch.channels_last)
-        first = self.compiled and tuple(batch.shape) not in self.compiled_shapes
-        start = time.perf_counter()
+        shape = tuple(batch.shape)
+        use_compiled = self.compiled and self._compile_shape(shape)
+        first = use_compiled and shape not in self.compiled_shapes
         try:
-            with torch.inference_mode(), self.autocast():
-                out = self.run_module(batch)
+            with self.gate.call(compiling=first), torch.inference_mode(), self.autocast():
+                start = time.perf_counter()
+                out = (self.run_module if use_compiled else self.module)(batch)
         except Exception as error:  # noqa: BLE001 - any compiler failure: the eager model still works
             if not first or isinstance(error, torch.cuda.OutOfMemoryError):
                 raise
@@ -238,6 +287,6 @@ class DeviceRunner:
         if first:
             if self.device.type == "cuda":
                 torch.cuda.synchronize(self.device)
-            self.compiled_shapes[tuple(batch.shape)] = time.perf_counter() - start
-            log.info("compiled shape %s in %.1f s", tuple(batch.shape), self.compiled_shapes[tuple(batch.shape)])
+            self.compiled_shapes[shape] = time.perf_counter() - start
+            log.info("compiled shape %s in %.1f s", shape, self.compiled_shapes[shape])
         return out[:b, :, :h, :w].float()

@@ -247,7 +247,7 @@ def execute(plan: Plan, spec: JobSpec, *, executor: str = "ray", cluster: Cluste
         if not runnable:
             return
         if local is not None:
-            progress.phase("restoring" + (", compiling the model first" if local.runner.compiled else ""))
+            progress.phase("restoring" + (" (torch.compile on: a minute or more to compile)" if local.runner.compiled else ""))
             yield from run_inline(spec, runnable, local, on_tiles=progress.tiles)
         else:
             yield from run_graph(spec, runnable, cluster, model=model, on_phase=progress.phase)

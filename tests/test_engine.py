@@ -260,10 +260,71 @@ def test_compile_is_decided_per_job_from_images_per_replica(device):
 
     enough = COMPILE_PAYS_AFTER[device]
     assert EngineSettings().with_compile_for(enough, device).compile is True
+    assert EngineSettings().with_compile_for(enough, device).compile_after_calls > 1
     assert EngineSettings().with_compile_for(enough - 0.5, device).compile is False
     assert EngineSettings(compile=False).with_compile_for(10 * enough, device).compile is False
     assert EngineSettings(compile=True).with_compile_for(1, device).compile is True
     assert EngineSettings().with_compile_for(10 * enough, "mps").compile is False
+
+
+def test_a_job_compiled_by_default_leaves_rare_shapes_eager(spec, monkeypatch):
+    """Compiled by default, a tile shape compiles at its AUTO_COMPILE_AFTER_CALLS-th call, so one
+    odd-sized image costs no compile; and no replica compiles more than MAX_COMPILED_SHAPES shapes."""
+    from pipeline import device_runner
+    from pipeline.settings import AUTO_COMPILE_AFTER_CALLS
+
+    def watched(restorer: Restorer) -> list[tuple[int, ...]]:
+        compiled_calls: list[tuple[int, ...]] = []
+        runner = restorer.runner
+        runner.run_module = lambda batch: compiled_calls.append(tuple(batch.shape)) or runner.module(batch)
+        return compiled_calls  # the shapes that went to the compiled module, without the minute of compiling
+
+    img = photo("astronaut")
+    common, odd = [img[:100, :90]] * (AUTO_COMPILE_AFTER_CALLS + 2), [img[:200, :250]]
+    auto = Restorer(spec, EngineSettings(precision="fp32").with_compile_for(10 ** 6, "cpu"))
+    compiled_calls = watched(auto)
+    for image in odd + common:
+        auto.restore_arrays([float_job(image)])
+    assert compiled_calls == [(1, 3, 128, 128)] * 3  # the 4th, 5th and 6th of the common shape
+    assert set(auto.runner.compiled_shapes) == {(1, 3, 128, 128)}
+
+    monkeypatch.setattr(device_runner, "MAX_COMPILED_SHAPES", 1)
+    asked = Restorer(spec, EngineSettings(precision="fp32", compile=True))  # --compile: from the first call
+    compiled_calls = watched(asked)
+    for image in common[:2] + odd:
+        asked.restore_arrays([float_job(image)])
+    assert compiled_calls == [(1, 3, 128, 128)] * 2 and set(asked.runner.compiled_shapes) == {(1, 3, 128, 128)}
+
+
+def test_a_compiling_call_runs_alone():
+    """The in-process executor's threads share one model: a compiling call waits for the running
+    calls to end, and calls that come after it wait for it (tracing beside an autocast call in
+    another thread can deadlock)."""
+    import threading
+    import time
+
+    from pipeline.device_runner import CompileGate
+
+    gate, events, release, entered = CompileGate(), [], threading.Event(), threading.Event()
+
+    def call(name: str, compiling: bool) -> None:
+        with gate.call(compiling):
+            events.append(f"{name} in")
+            entered.set()
+            release.wait(30)
+            events.append(f"{name} out")
+
+    threads = [threading.Thread(target=call, args=args) for args in (("a", False), ("compile", True), ("b", False))]
+    threads[0].start()
+    entered.wait(30)
+    for thread in threads[1:]:
+        thread.start()
+        time.sleep(0.2)  # let it reach the gate
+    assert events == ["a in"]
+    release.set()
+    for thread in threads:
+        thread.join(30)
+    assert events == ["a in", "a out", "compile in", "compile out", "b in", "b out"]
 
 
 @pytest.mark.slow

@@ -133,7 +133,7 @@ def main(verbose: bool) -> None:
 @click.option("--tta", is_flag=True, help="x8 self-ensemble (flips and quarter turns): about +0.1 dB, eight "
                                          "times the time.")
 @click.option("--compile/--no-compile", "compile_model", default=None,
-              help="torch.compile the model: a minute or more per tile shape, then 1.6-2x faster. Default: "
+              help="torch.compile the model: a minute or more per tile shape, then 1.6-2x the eager speed. Default: "
                    "when each replica has at least 100 images (CPU) or 2000 (GPU) (README, 'Engine').")
 @click.option("--address", help="Ray cluster address ('auto' or host:port); default RAY_ADDRESS, else embedded.")
 @click.option("--num-gpus", type=click.IntRange(min=0), help="GPU replicas (default: every GPU; 0 for CPU replicas).")

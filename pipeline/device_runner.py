@@ -97,6 +97,20 @@ class InFlight:
     grey: bool = False  # the tiles were one-channel: a colour model's output is averaged back
 
 
+def causes(error: BaseException) -> Iterator[BaseException]:
+    """``error`` and the errors it wraps (``__cause__``, ``__context__``, and ``inner_exception``,
+    where torch.compile keeps the error raised while compiling)."""
+    seen: set[int] = set()
+    todo: list[BaseException | None] = [error]
+    while todo:
+        current = todo.pop()
+        if current is None or id(current) in seen:
+            continue
+        seen.add(id(current))
+        yield current
+        todo += [getattr(current, "inner_exception", None), current.__cause__, current.__context__]
+
+
 class CompileGate:
     """Model calls from several threads run side by side, but never beside a compiling call:
     torch.compile tracing in one thread and an autocast call in another can deadlock. A
@@ -112,8 +126,10 @@ class CompileGate:
         with self._state:
             if compiling:
                 self._waiting += 1
-                self._state.wait_for(lambda: not self._compiling and self._running == 0)
-                self._waiting -= 1
+                try:
+                    self._state.wait_for(lambda: not self._compiling and self._running == 0)
+                finally:
+                    self._waiting -= 1
                 self._compiling = True
             else:
                 self._state.wait_for(lambda: not self._compiling and self._waiting == 0)
@@ -151,8 +167,10 @@ class DeviceRunner:
         # keep the shapes to a few, so a job compiles up front and never mid-way.
         self.run_module = torch.compile(self.module, dynamic=False) if self.compiled else self.module
         self.compiled_shapes: dict[tuple[int, ...], float] = {}  # shape -> seconds of its first (compiling) call
-        self.shape_calls: collections.Counter[tuple[int, ...]] = collections.Counter()  # calls of not yet compiled shapes
-        self.gate = CompileGate()  # the in-process executor's threads share this runner
+        self.shape_calls: collections.Counter[tuple[int, ...]] = collections.Counter()  # batches per shape
+        self._compiling: set[tuple[int, ...]] = set()  # shapes whose compiling call is under way
+        self._lock = threading.Lock()  # the in-process executor's threads share this runner
+        self.gate = CompileGate()
         self.full_batch = self.batch_size  # what a compiled model's batches are filled to (halved on OOM)
         self.max_side = 0  # the tile side, once known: a compiled bucket never exceeds it
         self._copy_stream = torch.cuda.Stream(self.device) if self.device.type == "cuda" else None
@@ -176,7 +194,7 @@ class DeviceRunner:
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats(self.device)
         base = torch.cuda.memory_allocated(self.device)
-        with torch.inference_mode(), self.autocast():  # eager, one tile: not a shape to compile
+        with self.gate.call(compiling=False), torch.inference_mode(), self.autocast():  # eager, one tile
             self.module(torch.zeros(1, self.model.in_channels, PROBE_SIDE, PROBE_SIDE, device=self.device))
         per_pixel = max(torch.cuda.max_memory_allocated(self.device) - base, 1) / PROBE_SIDE ** 2
         free, _ = torch.cuda.mem_get_info(self.device)
@@ -225,9 +243,21 @@ class DeviceRunner:
     def _output(self, batch: torch.Tensor) -> torch.Tensor:
         """The model's output, with ``tta`` the mean over the eight flips and quarter turns of the
         input, each turned back (the x8 self-ensemble): eight times the work for a cleaner output."""
+        self._count_batch(batch)
         if self.settings.tta:
             return torch.stack([undo_dihedral(self._forward_once(dihedral(batch, k)), k) for k in range(8)]).mean(0)
         return self._forward_once(batch)
+
+    def _count_batch(self, batch: torch.Tensor) -> None:
+        """Count a batch once toward compiling its static shape (with ``tta``, the turned shape too)."""
+        if not self.compiled:
+            return
+        b, c, h, w = batch.shape
+        turns = (batch, batch.transpose(2, 3)) if self.settings.tta and h != w else (batch,)
+        with self._lock:
+            for tiles in turns:
+                sb, sh, sw = self.static_shape(tiles)
+                self.shape_calls[(sb, c, sh, sw)] += 1
 
     def static_shape(self, batch: torch.Tensor) -> tuple[int, int, int]:
         """The (batch, height, width) the model runs at: the size multiple, or for a compiled model
@@ -241,19 +271,33 @@ class DeviceRunner:
         side = lambda n: min(n + (-n) % step, max(limit + (-limit) % m, n + (-n) % m))  # noqa: E731
         return max(b, self.full_batch), side(h), side(w)
 
-    def _compile_shape(self, shape: tuple[int, ...]) -> bool:
-        """Whether this call runs compiled: a shape compiles at its ``compile_after_calls``-th call
-        (a job that compiles by default leaves rare shapes eager), and at most MAX_COMPILED_SHAPES do."""
-        if shape in self.compiled_shapes:
-            return True
-        if len(self.compiled_shapes) >= MAX_COMPILED_SHAPES:
-            return False
-        self.shape_calls[shape] += 1
-        return self.shape_calls[shape] >= self.settings.compile_after_calls
+    def _claim(self, shape: tuple[int, ...]) -> tuple[bool, bool]:
+        """(run compiled, compiling call) for a call of ``shape``. A shape compiles once
+        ``compile_after_calls`` batches of it were asked for (a job that compiles by default
+        leaves rare shapes eager), at most MAX_COMPILED_SHAPES do, and a call of a shape that
+        another thread is compiling waits for it as a compiling call (it loads the result)."""
+        with self._lock:
+            if not self.compiled:
+                return False, False
+            if shape in self.compiled_shapes:
+                return True, False
+            if shape in self._compiling:
+                return True, True
+            if (len(self.compiled_shapes) + len(self._compiling) >= MAX_COMPILED_SHAPES
+                    or self.shape_calls[shape] < self.settings.compile_after_calls):
+                return False, False
+            self._compiling.add(shape)
+            return True, True
 
     def _compile_failed(self, error: Exception) -> None:
         """Run eager from now on: compiling needs a working compiler toolchain (a C++ compiler on
-        CPUs, Triton on GPUs), which a node may lack. Outputs stay within the fast-mode bound."""
+        CPUs, Triton on GPUs), which a node may lack. Outputs stay within the fast-mode bound.
+        Running out of memory is not such a failure: the original error is raised again, for
+        the engine to retry with smaller batches."""
+        out_of_memory = next((e for e in causes(error)
+                              if isinstance(e, (torch.cuda.OutOfMemoryError, MemoryError))), None)
+        if out_of_memory is not None:
+            raise out_of_memory
         log.warning("torch.compile failed (%s: %s); running the model eager",
                     type(error).__name__, str(error).strip().splitlines()[0][:300] if str(error).strip() else "")
         self.compiled = False
@@ -270,23 +314,34 @@ class DeviceRunner:
         batch = pad_to(batch, sh, sw)
         if sb > b:
             batch = torch.cat([batch, batch.new_zeros((sb - b, *batch.shape[1:]))])
-        if self.channels_last:
-            batch = batch.contiguous(memory_format=torch.channels_last)
+        if self.compiled:  # one memory layout per shape: compiled code is specialised on strides too
+            batch = batch.contiguous(memory_format=torch.channels_last if self.channels_last
+                                     else torch.contiguous_format)
         shape = tuple(batch.shape)
-        use_compiled = self.compiled and self._compile_shape(shape)
-        first = use_compiled and shape not in self.compiled_shapes
-        try:
-            with self.gate.call(compiling=first), torch.inference_mode(), self.autocast():
-                start = time.perf_counter()
+        use_compiled, first = self._claim(shape)
+        failed = False
+        with self.gate.call(compiling=first), torch.inference_mode(), self.autocast():
+            use_compiled = use_compiled and self.compiled  # another thread may have given compiling up
+            start = time.perf_counter()
+            try:
                 out = (self.run_module if use_compiled else self.module)(batch)
-        except Exception as error:  # noqa: BLE001 - any compiler failure: the eager model still works
-            if not first or isinstance(error, torch.cuda.OutOfMemoryError):
-                raise
-            self._compile_failed(error)
+                if first and use_compiled and self.device.type == "cuda":
+                    torch.cuda.synchronize(self.device)
+            except Exception as error:
+                if not (first and use_compiled):
+                    raise
+                self._compile_failed(error)  # still alone at the gate: no call runs the module meanwhile
+                failed = True
+            finally:
+                if first:
+                    with self._lock:
+                        self._compiling.discard(shape)
+            if first and use_compiled and not failed:
+                seconds = time.perf_counter() - start
+                with self._lock:  # a thread that waited for another's compile only loaded it
+                    new = self.compiled_shapes.setdefault(shape, seconds) == seconds
+                if new:
+                    log.info("compiled shape %s in %.1f s", shape, seconds)
+        if failed:
             return self._forward_once(tiles)
-        if first:
-            if self.device.type == "cuda":
-                torch.cuda.synchronize(self.device)
-            self.compiled_shapes[shape] = time.perf_counter() - start
-            log.info("compiled shape %s in %.1f s", shape, self.compiled_shapes[shape])
         return out[:b, :, :h, :w].float()

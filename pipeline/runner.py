@@ -7,8 +7,9 @@ import socket
 import sys
 import time
 import itertools
+import json
 from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, Callable, Iterable, Iterator, TextIO
 
 from tqdm import tqdm
@@ -39,6 +40,7 @@ class JobResult:
     failures: list[Row] = field(default_factory=list)
     stopped_early: bool = False
     dicom_series: dict[str, dict[str, Any]] = field(default_factory=dict)  # source series UID -> summary
+    settings: dict[str, Any] | None = None  # the engine settings images were restored with (compile decided)
 
     def count_series(self, row: Row) -> None:
         """Add a restored DICOM instance to its series' summary."""
@@ -231,9 +233,10 @@ def execute(plan: Plan, spec: JobSpec, *, executor: str = "ray", cluster: Cluste
         progress.phase("loading the model")
         try:
             # The threads share one model: it compiles once, for all the images.
-            settings = spec.settings.with_compile_for(len(runnable), pick_device(spec.settings.device).type)
+            spec = replace(spec, settings=spec.settings.with_compile_for(
+                len(runnable), pick_device(spec.settings.device).type))
             local = restorer or Restorer(model or models.resolve(spec.model, spec.task, spec.scale,
-                                                                 spec.source.options), settings)
+                                                                 spec.source.options), spec.settings)
         except BaseException:
             progress.close()
             raise
@@ -257,6 +260,9 @@ def execute(plan: Plan, spec: JobSpec, *, executor: str = "ray", cluster: Cluste
             if plan.lease is not None:
                 plan.lease.check()
             result.count_series(row)
+            if result.settings is None and row.get("settings"):  # as the replicas decided them
+                result.settings = {name: value for name, value in json.loads(row["settings"]).items()
+                                   if name in EngineSettings.__dataclass_fields__}
             row = redact_row(row)
             writer.add(row)
             progress.update(row)
@@ -286,7 +292,7 @@ def run_summary(result: JobResult, spec: JobSpec, executor: str, model: LoadedMo
             "ok": result.ok, "failed": result.failed, "skipped": result.skipped,
             "stopped_early": result.stopped_early, "executor": executor,
             "model": redact(model.name if model else spec.model or ""), "model_sha256": model.sha256 if model else None,
-            "task": spec.task, "settings": spec.settings.as_dict(), "host": socket.gethostname(),
+            "task": spec.task, "settings": result.settings or spec.settings.as_dict(), "host": socket.gethostname(),
             "dicom_series": list(result.dicom_series.values())}
 
 

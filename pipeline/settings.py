@@ -27,7 +27,7 @@ class EngineSettings:
     scale: int | None = None  # for task sr: 2, 3 or 4 (default: the model's)
     compile: bool | None = None  # torch.compile the model (pays off after its first call per tile shape);
     # None: decided per job by with_compile_for (a bare Restorer runs eager)
-    compile_after_calls: int = 1  # a tile shape compiles at this call; the calls before run eager
+    compile_after_calls: int = 1  # a tile shape compiles at its n-th batch; the batches before run eager
     tta: bool = False  # x8 self-ensemble (flips and quarter turns), eight times the work
 
     def as_dict(self) -> dict[str, Any]:
@@ -50,7 +50,8 @@ class EngineSettings:
 # thread, 1.6 s compiled). CUDA, from the official-code figures on one H200 (about 65 s to
 # compile; 60 -> 75 images/s at 256x256): a few ms saved per image, so thousands of images.
 COMPILE_PAYS_AFTER = {"cpu": 100, "cuda": 2000}
-# When a job compiles by default, a tile shape compiles at its 4th call: the shape of a job's
-# full tiles soon reaches it, while the many shapes of small images of assorted sizes
-# (padded to BUCKET multiples) mostly stay eager instead of costing a compile each.
+# When a job compiles by default, a tile shape compiles once this many batches of it were
+# asked for: the shape of a job's full tiles soon gets there, while the many shapes of small
+# images of assorted sizes (padded to BUCKET multiples) mostly stay eager instead of costing
+# a compile each.
 AUTO_COMPILE_AFTER_CALLS = 4

@@ -317,14 +317,70 @@ def test_a_compiling_call_runs_alone():
     threads = [threading.Thread(target=call, args=args) for args in (("a", False), ("compile", True), ("b", False))]
     threads[0].start()
     entered.wait(30)
-    for thread in threads[1:]:
-        thread.start()
-        time.sleep(0.2)  # let it reach the gate
+    threads[1].start()
+    deadline = time.monotonic() + 30
+    while gate._waiting == 0 and time.monotonic() < deadline:  # the compiling call waits for "a"
+        time.sleep(0.01)
+    threads[2].start()
+    time.sleep(0.2)  # time for "b" to get in, were the gate open
     assert events == ["a in"]
     release.set()
     for thread in threads:
         thread.join(30)
     assert events == ["a in", "a out", "compile in", "compile out", "b in", "b out"]
+
+
+def test_threads_sharing_a_compiled_model_never_compile_beside_a_call(spec):
+    """The in-process executor's case: two threads restore colour and grey images through one
+    compiled model. Each shape's compiling call runs alone, and the compiled module always gets
+    contiguous batches (grey tiles are expanded, colour ones come from HWC arrays: compiled code
+    specialised on one layout would compile again for the other)."""
+    import threading
+    import time
+    from concurrent.futures import ThreadPoolExecutor
+
+    restorer = Restorer(spec, EngineSettings(precision="fp32", compile=True))
+    runner, eager = restorer.runner, restorer.runner.module
+    lock, active, seen, overlaps, layouts = threading.Lock(), [0], set(), [], []
+
+    def call(batch: torch.Tensor, compiled: bool) -> torch.Tensor:
+        with lock:
+            active[0] += 1
+            first = compiled and tuple(batch.shape) not in seen
+            seen.add(tuple(batch.shape)) if compiled else None
+            layouts.append(batch.is_contiguous()) if compiled else None
+        try:
+            time.sleep(0.05)  # a window for another call to overlap
+            with lock:
+                if first and active[0] > 1:
+                    overlaps.append(tuple(batch.shape))
+            return eager(batch)
+        finally:
+            with lock:
+                active[0] -= 1
+
+    runner.run_module = lambda batch: call(batch, True)  # the logic, without the minute of compiling
+    runner.module = lambda batch: call(batch, False)
+    colour, grey = photo("astronaut")[:100, :90], photo("camera")[:64, :64, None]
+    with ThreadPoolExecutor(2) as pool:
+        list(pool.map(lambda img: restorer.restore_arrays([float_job(img)]), [colour, grey, colour[:, :40], grey] * 2))
+    assert overlaps == [] and seen == {(1, 3, 128, 128)} and all(layouts)
+
+
+def test_out_of_memory_while_compiling_is_not_a_compiler_failure(spec):
+    """torch.compile wraps an error raised while compiling; out of memory inside it is raised as
+    itself, for the engine's smaller-batch retry, and the model stays compiled."""
+    runner = Restorer(spec, EngineSettings(precision="fp32", compile=True)).runner
+
+    def compile_out_of_memory(batch: torch.Tensor) -> torch.Tensor:
+        wrapped = RuntimeError("backend compiler failed")
+        wrapped.inner_exception = torch.cuda.OutOfMemoryError("out of memory")  # type: ignore[attr-defined]
+        raise wrapped
+
+    runner.run_module = compile_out_of_memory
+    with pytest.raises(torch.cuda.OutOfMemoryError):
+        runner.forward(torch.rand(1, 3, 64, 64))
+    assert runner.compiled and not runner.compiled_shapes
 
 
 @pytest.mark.slow

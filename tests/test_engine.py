@@ -333,8 +333,8 @@ def test_a_compiling_call_runs_alone():
 def test_threads_sharing_a_compiled_model_never_compile_beside_a_call(spec):
     """The in-process executor's case: two threads restore colour and grey images through one
     compiled model. Each shape's compiling call runs alone, and the compiled module always gets
-    contiguous batches (grey tiles are expanded, colour ones come from HWC arrays: compiled code
-    specialised on one layout would compile again for the other)."""
+    channels-last batches (grey tiles are expanded, colour ones come from HWC arrays: compiled
+    code specialised on one layout would compile again for the other)."""
     import threading
     import time
     from concurrent.futures import ThreadPoolExecutor
@@ -348,7 +348,7 @@ def test_threads_sharing_a_compiled_model_never_compile_beside_a_call(spec):
             active[0] += 1
             first = compiled and tuple(batch.shape) not in seen
             seen.add(tuple(batch.shape)) if compiled else None
-            layouts.append(batch.is_contiguous()) if compiled else None
+            layouts.append(batch.is_contiguous(memory_format=torch.channels_last)) if compiled else None
         try:
             time.sleep(0.05)  # a window for another call to overlap
             with lock:

@@ -340,7 +340,9 @@ class DeviceRunner:
             if first and use_compiled and not failed:
                 seconds = time.perf_counter() - start
                 with self._lock:  # a thread that waited for another's compile only loaded it
-                    new = self.compiled_shapes.setdefault(shape, seconds) == seconds
+                    new = shape not in self.compiled_shapes
+                    if new:
+                        self.compiled_shapes[shape] = seconds
                 if new:
                     log.info("compiled shape %s in %.1f s", shape, seconds)
         if failed:

@@ -31,6 +31,8 @@ from __future__ import annotations
 import contextlib
 import functools
 import io
+import logging
+import re
 import struct
 import threading
 import warnings
@@ -392,7 +394,7 @@ def probe(data: bytes, name: str, max_pixels: int | None = None) -> ImageHeader:
         return header
     with _codec_errors(name):
         if data[:4] in TIFF_MAGIC:
-            with tifffile.TiffFile(io.BytesIO(data)) as tif:
+            with _tiff_file(data, name, whole=False) as tif:
                 first = tif.pages.first
                 header = ImageHeader(int(first.imagewidth), int(first.imagelength), len(tif.pages),
                                      int(first.samplesperpixel))
@@ -445,6 +447,49 @@ def _cmyk_to_rgb(im: Image.Image, icc: bytes | None) -> tuple[Image.Image, bytes
 
 # ---------------------------------------------------------------- TIFF
 
+class _TiffWarnings(logging.Filter):
+    """Keeps tifffile's warnings about the file being read in this thread off the terminal and
+    hands them to :func:`_tiff_file`, which judges them; other threads' pass unchanged."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.local = threading.local()
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        caught = getattr(self.local, "records", None)
+        if caught is None:
+            return True
+        caught.append(record.getMessage())
+        return False
+
+
+_TIFF_WARNINGS = _TiffWarnings()
+logging.getLogger("tifffile").addFilter(_TIFF_WARNINGS)
+_OUT_OF_FILE = ("invalid value offset", "invalid page offset", "invalid offset")
+
+
+@contextlib.contextmanager
+def _tiff_file(data: bytes, name: str, whole: bool) -> Iterator[tifffile.TiffFile]:
+    """``data`` opened as a TIFF with no page refused. In a ``whole`` file, a tag or page that
+    points past its end is corruption: tifffile would warn and guess (a cut-off file then reads
+    as, say, a 1-bit image). ``data`` that is only the file's first bytes may point past them."""
+    _TIFF_WARNINGS.local.records = caught = []
+    try:
+        with tifffile.TiffFile(io.BytesIO(data)) as tif:
+            detail = next((m for m in caught if any(marker in m for marker in _OUT_OF_FILE)), None)
+            if whole and detail is not None:
+                tag = re.search(r"TiffTag (\d+) @", detail)
+                what = (f"tag {tag[1]} ({tifffile.TIFF.TAGS.get(int(tag[1]), 'unknown')})" if tag
+                        else "a page")
+                raise CodecError(name, f"corrupt or truncated TIFF: {what} points past the end of the "
+                                       f"{len(data)}-byte file")
+            if not tif.pages:
+                raise CodecError(name, "a TIFF header with no image in it (the file is cut short)")
+            yield tif
+    finally:
+        _TIFF_WARNINGS.local.records = None
+
+
 _EXTRA_ALPHA = (tifffile.EXTRASAMPLE.ASSOCALPHA, tifffile.EXTRASAMPLE.UNASSALPHA)
 _TIFF_HINTS = {
     tifffile.PHOTOMETRIC.PALETTE: "indexed colour: convert it to RGB",
@@ -482,7 +527,7 @@ def _tiff_layout(page: Any, name: str) -> tuple[int, bool, bool]:
 
 
 def _decode_tiff(data: bytes, name: str) -> DecodedImage:
-    with tifffile.TiffFile(io.BytesIO(data)) as tif:
+    with _tiff_file(data, name, whole=True) as tif:
         # every page's layout is checked from its tags before any pixel is decoded
         layouts = [(_tiff_layout(page, name), page.imagewidth, page.imagelength, page.dtype) for page in tif.pages]
         if len(set(layouts)) > 1:

@@ -227,6 +227,23 @@ def test_truncated_image_is_reported():
         codecs.decode(data[: len(data) // 2], "cut.png")
 
 
+def test_cut_short_tiffs_are_called_truncated_not_misread(capfd):
+    """A TIFF cut inside its tags reads, left to tifffile, as a 1-bit image (its BitsPerSample
+    is out of the file): it is called truncated, naming the tag; a bare header has no image;
+    tifffile's own warnings stay off the terminal. The whole file still decodes."""
+    buffer = io.BytesIO()
+    tifffile.imwrite(buffer, photo("astronaut")[:64, :64], metadata=None)
+    data = buffer.getvalue()
+    with pytest.raises(codecs.CodecError, match=r"cut.tif: corrupt or truncated TIFF: tag 258 \(BitsPerSample\) "
+                                                r"points past the end of the 178-byte file"):
+        codecs.decode(data[:178], "cut.tif")
+    with pytest.raises(codecs.CodecError, match="head.tif: a TIFF header with no image in it"):
+        codecs.decode(data[:8], "head.tif")
+    assert codecs.probe(data[:178], "cut.tif").width == 64  # a header read from the first bytes may point past them
+    assert "TiffFileError" not in capfd.readouterr().err
+    np.testing.assert_array_equal(codecs.decode(data, "whole.tif").pages[0].samples, photo("astronaut")[:64, :64])
+
+
 def test_unsupported_extension():
     with pytest.raises(codecs.CodecError, match="scan.gif: unsupported format .gif"):
         codecs.format_for("scan.gif")

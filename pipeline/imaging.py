@@ -22,9 +22,9 @@ def peak_of(samples_or_depth: np.ndarray | np.dtype | int) -> float:
     return PEAK_16 if dtype == np.uint16 else PEAK_8
 
 
-def to_float(samples: np.ndarray) -> np.ndarray:
-    """Integer samples to float32 in [0, 1] (same shape)."""
-    return samples.astype(np.float32) / np.float32(peak_of(samples))
+def to_float(samples: np.ndarray, dtype: type[np.floating] = np.float32) -> np.ndarray:
+    """Integer samples to floats in [0, 1] (same shape; float64 where scores need it)."""
+    return samples.astype(dtype) / dtype(peak_of(samples))
 
 
 def to_rgb_float(samples: np.ndarray) -> np.ndarray:
@@ -97,11 +97,12 @@ class ExposureCurve:
         sample = np.asarray(image[::step, ::step], dtype=np.float32)
         white = float(np.percentile(sample.max(axis=2), cls.WHITE_PERCENTILE))
         gain = float(np.clip(1.0 / max(white, 1e-6), 1.0, cls.MAX_GAIN))
-        mean = float(luma(np.clip(sample * gain, 0.0, 1.0)).mean())
+        exposed = cls(gain)(sample)
+        mean = float(luma(exposed).mean())
         gamma = 1.0
         if 0.0 < mean < cls.DARK_MEAN:
             gamma = max(float(np.log(cls.TARGET_MEAN) / np.log(mean)), cls.MIN_GAMMA)
-        noise = noise_sigma(cls(gain, gamma)(sample)) * PEAK_8
+        noise = noise_sigma(cls(1.0, gamma)(exposed)) * PEAK_8
         strength = float(np.clip((noise - cls.NOISE_FLOOR) / (cls.NOISE_FULL - cls.NOISE_FLOOR), 0.0, 1.0))
         return cls(gain, gamma, strength)
 

@@ -43,6 +43,7 @@ import numpy as np
 
 from models.errors import UsageError
 
+from .imaging import to_float
 from .manifest import MANIFEST_DIR, read_manifest, read_run_summaries
 from .redact import redact
 from .storage import Storage
@@ -130,11 +131,6 @@ def display_array(samples: np.ndarray) -> np.ndarray:
     return samples[:, :, 0] if samples.ndim == 3 and samples.shape[2] == 1 else samples
 
 
-def as_float(samples: np.ndarray) -> np.ndarray:
-    """Integer samples as floats in [0, 1], (H, W, C)."""
-    return samples.astype(np.float64) / float(np.iinfo(samples.dtype).max)
-
-
 def jpeg_uri(array: np.ndarray, quality: int, full_colour: bool = False) -> str:
     """A uint8 (H, W) or (H, W, 3) array as a ``data:image/jpeg`` URI (grey stays a one-channel JPEG).
 
@@ -205,7 +201,7 @@ def _scores(restored: np.ndarray, target: np.ndarray, crop_border: int) -> dict[
 
     if restored.shape != target.shape:
         return None
-    return score(as_float(restored), as_float(target), crop_border).as_dict()
+    return score(to_float(restored, np.float64), to_float(target, np.float64), crop_border).as_dict()
 
 
 def to_display(image: np.ndarray) -> np.ndarray:

@@ -84,7 +84,7 @@ def compile_cache_dir() -> Path:
     """Where compiled kernels are cached: TORCHINDUCTOR_CACHE_DIR, else the project's cache folder."""
     import models.official
 
-    return models.official.cache_dir() / "inductor"
+    return Path(os.environ.get("TORCHINDUCTOR_CACHE_DIR") or models.official.cache_dir() / "inductor")
 
 
 @dataclass
@@ -145,6 +145,49 @@ class CompileGate:
                 self._state.notify_all()
 
 
+class NodeCompileLock:
+    """One compiling call at a time among the processes that share a kernel cache (a node's
+    replicas): a file lock beside the cache. While one replica compiles, the others keep
+    running eager, then compile from the kernels it cached (seconds instead of a minute),
+    rather than all compiling the same graph at once on the same cores. The operating
+    system drops the lock of a process that dies."""
+
+    FILE = "mirnet-compile.lock"
+
+    def __init__(self, folder: Path) -> None:
+        self.path = folder / self.FILE
+        self._handle: Any = None
+
+    def try_acquire(self) -> bool:
+        """Take the lock if it is free (never waits); True where file locks are unavailable."""
+        try:
+            import fcntl
+        except ImportError:  # Windows: every replica compiles at once, as without the lock
+            return True
+        if self._handle is not None:  # this process compiles already (another shape)
+            return False
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            handle = open(self.path, "a")
+        except OSError:  # an unwritable cache: compiling reports it; do not hold the replica back
+            return True
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            handle.close()
+            return False
+        self._handle = handle
+        return True
+
+    def release(self) -> None:
+        if self._handle is not None:
+            import fcntl
+
+            fcntl.flock(self._handle, fcntl.LOCK_UN)
+            self._handle.close()
+            self._handle = None
+
+
 class DeviceRunner:
     """One model on one device, at one precision; runs NCHW float batches in [0, 1]."""
 
@@ -170,6 +213,8 @@ class DeviceRunner:
         self.shape_calls: collections.Counter[tuple[int, ...]] = collections.Counter()  # batches per shape
         self._compiling: set[tuple[int, ...]] = set()  # shapes whose compiling call is under way
         self._lock = threading.Lock()  # the in-process executor's threads share this runner
+        self.node_lock = NodeCompileLock(compile_cache_dir())
+        self._node_lock_shape: tuple[int, ...] | None = None  # the shape this runner compiles under it
         self.gate = CompileGate()
         self.full_batch = self.batch_size  # what a compiled model's batches are filled to (halved on OOM)
         self.max_side = 0  # the tile side, once known: a compiled bucket never exceeds it
@@ -275,7 +320,8 @@ class DeviceRunner:
         """(run compiled, compiling call) for a call of ``shape``. A shape compiles once
         ``compile_after_calls`` batches of it were asked for (a job that compiles by default
         leaves rare shapes eager), at most MAX_COMPILED_SHAPES do, and a call of a shape that
-        another thread is compiling waits for it as a compiling call (it loads the result)."""
+        another thread is compiling waits for it as a compiling call (it loads the result).
+        While another replica of the node compiles (``NodeCompileLock``), calls run eager."""
         with self._lock:
             if not self.compiled:
                 return False, False
@@ -284,8 +330,10 @@ class DeviceRunner:
             if shape in self._compiling:
                 return True, True
             if (len(self.compiled_shapes) + len(self._compiling) >= MAX_COMPILED_SHAPES
-                    or self.shape_calls[shape] < self.settings.compile_after_calls):
+                    or self.shape_calls[shape] < self.settings.compile_after_calls
+                    or not self.node_lock.try_acquire()):
                 return False, False
+            self._node_lock_shape = shape
             self._compiling.add(shape)
             return True, True
 
@@ -337,6 +385,9 @@ class DeviceRunner:
                 if first:
                     with self._lock:
                         self._compiling.discard(shape)
+                        if self._node_lock_shape == shape:
+                            self._node_lock_shape = None
+                            self.node_lock.release()
             if first and use_compiled and not failed:
                 seconds = time.perf_counter() - start
                 with self._lock:  # a thread that waited for another's compile only loaded it

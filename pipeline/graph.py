@@ -142,7 +142,7 @@ def run_graph(spec: JobSpec, items: list[WorkItem], options: ClusterOptions, mod
     on_phase(f"starting {shape['size']} replica(s), loading the model"
              + (" (compiling it: a minute or more)" if spec.settings.compile else ""))
     data = [ray.put(model.data)] if model.data is not None else []
-    seed = [{"row": r} for r in stages.pack([{"key": i.key, "output_key": i.output_key} for i in items])["row"]]
+    seed = [{"key": i.key, "output_key": i.output_key} for i in items]
     per_batch = shape["images_per_batch"]  # at least 1 (ClusterOptions checks it)
     # One input block per replica call: a block's images leave each stage together, so
     # bigger blocks hold finished images back and leave replicas idle at the end of a job.

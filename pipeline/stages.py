@@ -186,13 +186,51 @@ def finish(row: Row, spec: JobSpec) -> Row:
 
 
 def pack(rows: list[Row]) -> dict[str, Any]:
-    """Rows to a Ray Data batch: one pickled column keeps arbitrary payloads intact."""
+    """Rows to a columnar Ray Data batch.
+
+    ``row``: each row's fields, pickled without their arrays and file bytes (a few hundred
+    bytes); ``payload``: those arrays and bytes laid end to end as one uint8 array per row,
+    which Ray carries as an Arrow tensor column, without pickling or copying it per stage
+    again (a 2048² RGB image: 14–18 ms per stage boundary as one pickled row, 4–6 ms here;
+    ``benchmarks/stage_boundary.py``)."""
     import numpy as np
 
-    column = np.empty(len(rows), dtype=object)
-    column[:] = [pickle.dumps(r, protocol=5) for r in rows]
-    return {"row": column}
+    fields = np.empty(len(rows), dtype=object)
+    payloads = []
+    for i, row in enumerate(rows):
+        buffers: list[pickle.PickleBuffer] = []
+        data = row.get("data")
+        inner = pickle.dumps({k: v for k, v in row.items() if k != "data"}, protocol=5,
+                             buffer_callback=buffers.append)
+        parts = [b.raw() for b in buffers] + ([memoryview(data)] if data is not None else [])
+        fields[i] = pickle.dumps((inner, [p.nbytes for p in parts], data is not None), protocol=5)
+        payloads.append(np.concatenate([np.frombuffer(p, np.uint8) for p in parts]) if parts
+                        else np.empty(0, np.uint8))
+    if len({p.size for p in payloads}) <= 1:  # one row per batch, as on CPUs: a fixed-shape column
+        column = np.stack(payloads) if payloads else np.empty((0, 0), np.uint8)
+    else:
+        column = np.empty(len(payloads), dtype=object)
+        column[:] = payloads
+    return {"row": fields, "payload": column}
 
 
 def unpack(batch: dict[str, Any]) -> list[Row]:
-    return [pickle.loads(b) for b in batch["row"]]
+    """A batch from :func:`pack` back to rows (their arrays read-only views of the batch), or
+    a batch of plain columns (the job's seed: key, output_key) to one row per line."""
+    import numpy as np
+
+    if "row" not in batch:
+        return [{name: value.item() if isinstance(value, np.generic) else value for name, value in zip(batch, values)}
+                for values in zip(*batch.values())]
+    rows = []
+    for fields, payload in zip(batch["row"], batch["payload"]):
+        inner, sizes, has_data = pickle.loads(fields)
+        view = memoryview(np.ascontiguousarray(payload, dtype=np.uint8)).cast("B")
+        ends = np.cumsum(sizes, dtype=np.int64).tolist()
+        parts = [view[end - size:end] for size, end in zip(sizes, ends)]
+        data = bytes(parts.pop()) if has_data else None
+        row = pickle.loads(inner, buffers=parts)
+        if has_data:
+            row["data"] = data
+        rows.append(row)
+    return rows

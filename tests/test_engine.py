@@ -367,6 +367,37 @@ def test_threads_sharing_a_compiled_model_never_compile_beside_a_call(spec):
     assert overlaps == [] and seen == {(1, 3, 128, 128)} and all(layouts)
 
 
+def test_replicas_of_a_node_compile_one_at_a_time_and_run_eager_meanwhile(spec, tmp_path, monkeypatch):
+    """While another process holds the node's compile lock (beside the kernel cache), a replica
+    runs its batches eager; once the lock is free it compiles, and lets the lock go after."""
+    import subprocess
+    import sys
+
+    from pipeline.device_runner import NodeCompileLock
+
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path))
+    holder = subprocess.Popen(
+        [sys.executable, "-c", "import fcntl, sys; f = open(sys.argv[1], 'a'); fcntl.flock(f, fcntl.LOCK_EX); "
+         "print('held', flush=True); sys.stdin.read()", str(tmp_path / NodeCompileLock.FILE)],
+        stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        restorer = Restorer(spec, EngineSettings(precision="fp32", compile=True))
+        runner, compiled_calls = restorer.runner, []
+        runner.run_module = lambda batch: compiled_calls.append(tuple(batch.shape)) or runner.module(batch)
+        img = photo("astronaut")[:100, :90]
+        outputs = [restorer.restore_arrays([float_job(img)])[0] for _ in range(2)]
+        assert compiled_calls == [] and runner.compiled_shapes == {}  # the other process compiles
+    finally:
+        holder.communicate("", timeout=30)
+    after = restorer.restore_arrays([float_job(img)])[0]
+    assert all(np.array_equal(out, after) for out in outputs)  # the same static shape, eager then "compiled"
+    assert compiled_calls == [(1, 3, 128, 128)] and set(runner.compiled_shapes) == {(1, 3, 128, 128)}
+    other = NodeCompileLock(tmp_path)
+    assert other.try_acquire(), "the lock is let go once the shape has compiled"
+    other.release()
+
+
 def test_out_of_memory_while_compiling_is_not_a_compiler_failure(spec):
     """torch.compile wraps an error raised while compiling; out of memory inside it is raised as
     itself, for the engine's smaller-batch retry, and the model stays compiled."""

@@ -110,7 +110,9 @@ def test_s3_end_to_end_then_rerun_retries_only_failures(s3_photos, small_model):
 
 @pytest.mark.slow
 def test_separate_stages_and_whole_image_replicas_write_the_same_files(tmp_path, ray_runtime, small_model):
-    """GPU graphs decode and write in their own tasks, CPU replicas do it themselves: same outputs and rows."""
+    """GPU graphs decode and write in their own tasks, CPU replicas do it themselves: same outputs and
+    rows. Between separate stages decoded images travel as read-only views of columnar batches,
+    DICOM and NIfTI ones included."""
     from pipeline.graph import ClusterOptions
     from pipeline.runner import restore_job
 
@@ -118,13 +120,21 @@ def test_separate_stages_and_whole_image_replicas_write_the_same_files(tmp_path,
     for key, data in {**photo_files(5), "set0/zero.png": b"", "set2/notes.tif": b"not a TIFF"}.items():
         (src / key).parent.mkdir(parents=True, exist_ok=True)
         (src / key).write_bytes(data)
+    pytest.importorskip("pydicom")
+    pytest.importorskip("nibabel")
+    from pydicom.data import get_testdata_file
+
+    from .test_medical import nifti_volume
+
+    (src / "set1" / "ct.dcm").write_bytes(Path(get_testdata_file("CT_small.dcm")).read_bytes())
+    nifti_volume(src / "set1" / "brain.nii.gz", gz=True)
     rows = {}
     for separate in (True, False):
         dst = tmp_path / f"out-{separate}"
         _, result = restore_job(str(src), str(dst), executor="ray", quiet=True, model=small_model,
                                 cluster=ClusterOptions(separate_stages=separate, images_per_batch=2),
                                 settings=EngineSettings(tile=64, overlap=8))
-        assert (result.ok, result.failed) == (6, 2)
+        assert (result.ok, result.failed) == (8, 2)
         rows[separate] = {r["key"]: (r["status"], r["error_message"], r["out_width"]) for r in manifest_rows(str(dst))}
     assert rows[True] == rows[False]
     for key, (status, _, _) in rows[True].items():
@@ -288,3 +298,51 @@ def test_read_decode_and_write_workers_do_not_load_torch():
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert proc.stdout.strip() == "[]"
+
+
+def test_columnar_batches_round_trip_rows_with_arrays_outside_the_pickled_fields():
+    """Stage boundaries carry each row's arrays and file bytes as one uint8 column, its other
+    fields as a small pickle; rows come back equal, in one batch or one per batch."""
+    from pipeline import stages
+
+    photo16 = photo("astronaut")[:64, :48].astype(np.uint16) * 257
+    alpha = photo16[:, :, 0].copy()
+    rgba = codecs.DecodedImage("a.png", "PNG", [codecs.Page(photo16, alpha)], 16, "RGBA;16", icc_profile=b"icc")
+    data = bytes(range(256)) * 40
+    rows = [{"key": "a.png", "output_key": "a.png", "image": rgba,
+             "restored": [codecs.Page(np.asfortranarray(photo16)), codecs.Page(photo16[::2, ::3])]},
+            {"key": "b.jpg", "output_key": "b.jpg", "data": data},
+            {"key": "c.tif", "output_key": "c.tif", "status": "failed", "error_message": "corrupt"}]
+    batch = stages.pack(rows)
+    assert set(batch) == {"row", "payload"} and batch["payload"].dtype == object  # ragged: one array per row
+    # Contiguous arrays (C or Fortran order) and the file bytes travel in the payload column.
+    assert [part.nbytes for part in batch["payload"]] == [2 * photo16.nbytes + alpha.nbytes, len(data), 0]
+    assert max(len(fields) for fields in batch["row"]) < photo16[::2, ::3].nbytes + 2000
+    single = stages.pack([rows[0]])
+    assert single["payload"].dtype == np.uint8 and single["payload"].shape == (1, batch["payload"][0].size)
+    restored = stages.unpack(batch) + [stages.unpack(stages.pack([row]))[0] for row in rows]
+    for before, after in zip(rows + rows, restored):
+        assert before.keys() == after.keys()
+        assert after.get("data") == before.get("data") and after.get("status") == before.get("status")
+        if "image" in before:
+            assert after["image"].icc_profile == b"icc" and after["image"].mode == "RGBA;16"
+            np.testing.assert_array_equal(after["image"].pages[0].samples, photo16)
+            np.testing.assert_array_equal(after["image"].pages[0].alpha, alpha)
+            np.testing.assert_array_equal(after["restored"][0].samples, photo16)
+            np.testing.assert_array_equal(after["restored"][1].samples, photo16[::2, ::3])
+    seed = {"key": np.array(["x/1.png", "x/2.png"]), "output_key": np.array(["1.png", "2.png"])}
+    assert stages.unpack(seed) == [{"key": "x/1.png", "output_key": "1.png"}, {"key": "x/2.png", "output_key": "2.png"}]
+    assert all(type(value) is str for row in stages.unpack(seed) for value in row.values())
+
+
+@pytest.mark.slow
+def test_stage_boundary_benchmark_quick_mode_reports_both_formats():
+    """benchmarks/stage_boundary.py in its seconds-long form: both formats timed, rows intact."""
+    repo = Path(__file__).resolve().parent.parent
+    proc = subprocess.run([sys.executable, "-m", "benchmarks.stage_boundary", "--quick"], cwd=repo,
+                          capture_output=True, text=True, timeout=300, env=child_env())
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    report = json.loads(proc.stdout.strip().splitlines()[-1])
+    entry = report["sizes"]["64"]
+    assert set(report["fixed_seconds"]) == {"pickled rows", "columnar"}
+    assert all(entry[name]["seconds"] > 0 and entry[name]["ms_per_boundary"] >= 0 for name in report["fixed_seconds"])

@@ -103,7 +103,8 @@ def main() -> dict[str, Any]:
                 per_boundary = max(seconds - baseline, 0.0) / args.images / boundaries * 1e3
                 entry[name] = {"seconds": round(seconds, 3), "ms_per_boundary": round(per_boundary, 3)}
             reference = entry["pickled rows"]["ms_per_boundary"]
-            entry["columnar_over_pickled"] = round(entry["columnar"]["ms_per_boundary"] / reference, 3) if reference else None
+            columnar = entry["columnar"]["ms_per_boundary"]
+            entry["columnar_over_pickled"] = round(columnar / reference, 3) if reference else None
             report["sizes"][str(side)] = entry
     finally:
         ray.shutdown()

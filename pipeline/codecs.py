@@ -465,29 +465,43 @@ class _TiffWarnings(logging.Filter):
 
 _TIFF_WARNINGS = _TiffWarnings()
 logging.getLogger("tifffile").addFilter(_TIFF_WARNINGS)
-_OUT_OF_FILE = ("invalid value offset", "invalid page offset", "invalid offset")
+# The tags the decoder reads: one of these outside the file means the file is cut short (an
+# out-of-file private or metadata tag, which tifffile skips, is not refused).
+_TIFF_NEEDED_TAGS = frozenset({256, 257, 258, 259, 262, 273, 277, 278, 279, 284, 317, 322, 323, 324, 325, 338, 339,
+                               347})
+
+
+def _tiff_damage(messages: list[str]) -> str | None:
+    """What tifffile's warnings say is cut off in a whole file, or None."""
+    for message in messages:
+        tag = re.search(r"TiffTag (\d+) @\d+> invalid value offset", message)
+        if tag and int(tag[1]) in _TIFF_NEEDED_TAGS:
+            return f"tag {tag[1]} ({tifffile.TIFF.TAGS.get(int(tag[1]), 'unknown')}) points past the end"
+        if "invalid page offset" in message:
+            return "a page points past the end"
+    return None
 
 
 @contextlib.contextmanager
 def _tiff_file(data: bytes, name: str, whole: bool) -> Iterator[tifffile.TiffFile]:
-    """``data`` opened as a TIFF with no page refused. In a ``whole`` file, a tag or page that
-    points past its end is corruption: tifffile would warn and guess (a cut-off file then reads
-    as, say, a 1-bit image). ``data`` that is only the file's first bytes may point past them."""
+    """``data`` opened as a TIFF with no page refused. In a ``whole`` file every page is read
+    first, and one whose needed tags point past the file's end is corruption: tifffile would
+    warn and guess (a cut-off file then reads as, say, a 1-bit image). ``data`` that is only
+    the file's first bytes may point past them."""
+    outer = getattr(_TIFF_WARNINGS.local, "records", None)
     _TIFF_WARNINGS.local.records = caught = []
     try:
         with tifffile.TiffFile(io.BytesIO(data)) as tif:
-            detail = next((m for m in caught if any(marker in m for marker in _OUT_OF_FILE)), None)
-            if whole and detail is not None:
-                tag = re.search(r"TiffTag (\d+) @", detail)
-                what = (f"tag {tag[1]} ({tifffile.TIFF.TAGS.get(int(tag[1]), 'unknown')})" if tag
-                        else "a page")
-                raise CodecError(name, f"corrupt or truncated TIFF: {what} points past the end of the "
-                                       f"{len(data)}-byte file")
+            if whole:
+                list(tif.pages)  # every page's tags now, where their warnings are judged
+                damage = _tiff_damage(caught)
+                if damage is not None:
+                    raise CodecError(name, f"corrupt or truncated TIFF: {damage} of the {len(data)}-byte file")
             if not tif.pages:
                 raise CodecError(name, "a TIFF header with no image in it (the file is cut short)")
             yield tif
     finally:
-        _TIFF_WARNINGS.local.records = None
+        _TIFF_WARNINGS.local.records = outer
 
 
 _EXTRA_ALPHA = (tifffile.EXTRASAMPLE.ASSOCALPHA, tifffile.EXTRASAMPLE.UNASSALPHA)

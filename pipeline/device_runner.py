@@ -150,7 +150,8 @@ class NodeCompileLock:
     replicas): a file lock beside the cache. While one replica compiles, the others keep
     running eager, then compile from the kernels it cached (seconds instead of a minute),
     rather than all compiling the same graph at once on the same cores. The operating
-    system drops the lock of a process that dies."""
+    system drops the lock of a process that dies. A cache on a volume that nodes share
+    (NFS) serialises compiles across those nodes too. Used under the runner's lock."""
 
     FILE = "mirnet-compile.lock"
 
@@ -214,7 +215,6 @@ class DeviceRunner:
         self._compiling: set[tuple[int, ...]] = set()  # shapes whose compiling call is under way
         self._lock = threading.Lock()  # the in-process executor's threads share this runner
         self.node_lock = NodeCompileLock(compile_cache_dir())
-        self._node_lock_shape: tuple[int, ...] | None = None  # the shape this runner compiles under it
         self.gate = CompileGate()
         self.full_batch = self.batch_size  # what a compiled model's batches are filled to (halved on OOM)
         self.max_side = 0  # the tile side, once known: a compiled bucket never exceeds it
@@ -316,26 +316,25 @@ class DeviceRunner:
         side = lambda n: min(n + (-n) % step, max(limit + (-limit) % m, n + (-n) % m))  # noqa: E731
         return max(b, self.full_batch), side(h), side(w)
 
-    def _claim(self, shape: tuple[int, ...]) -> tuple[bool, bool]:
-        """(run compiled, compiling call) for a call of ``shape``. A shape compiles once
-        ``compile_after_calls`` batches of it were asked for (a job that compiles by default
-        leaves rare shapes eager), at most MAX_COMPILED_SHAPES do, and a call of a shape that
-        another thread is compiling waits for it as a compiling call (it loads the result).
+    def _claim(self, shape: tuple[int, ...]) -> tuple[bool, bool, bool]:
+        """(run compiled, compiling call, holds the node lock) for a call of ``shape``. A shape
+        compiles once ``compile_after_calls`` batches of it were asked for (a job that compiles by
+        default leaves rare shapes eager), at most MAX_COMPILED_SHAPES do, and a call of a shape
+        that another thread is compiling waits for it as a compiling call (it loads the result).
         While another replica of the node compiles (``NodeCompileLock``), calls run eager."""
         with self._lock:
             if not self.compiled:
-                return False, False
+                return False, False, False
             if shape in self.compiled_shapes:
-                return True, False
+                return True, False, False
             if shape in self._compiling:
-                return True, True
+                return True, True, False
             if (len(self.compiled_shapes) + len(self._compiling) >= MAX_COMPILED_SHAPES
                     or self.shape_calls[shape] < self.settings.compile_after_calls
                     or not self.node_lock.try_acquire()):
-                return False, False
-            self._node_lock_shape = shape
+                return False, False, False
             self._compiling.add(shape)
-            return True, True
+            return True, True, True
 
     def _compile_failed(self, error: Exception) -> None:
         """Run eager from now on: compiling needs a working compiler toolchain (a C++ compiler on
@@ -367,35 +366,36 @@ class DeviceRunner:
             # the CPU than contiguous NCHW (grey tiles, expanded to three channels, are copied).
             batch = batch.contiguous(memory_format=torch.channels_last)
         shape = tuple(batch.shape)
-        use_compiled, first = self._claim(shape)
-        failed = False
-        with self.gate.call(compiling=first), torch.inference_mode(), self.autocast():
-            use_compiled = use_compiled and self.compiled  # another thread may have given compiling up
-            start = time.perf_counter()
-            try:
-                out = (self.run_module if use_compiled else self.module)(batch)
-                if first and use_compiled and self.device.type == "cuda":
-                    torch.cuda.synchronize(self.device)
-            except Exception as error:
-                if not (first and use_compiled):
-                    raise
-                self._compile_failed(error)  # still alone at the gate: no call runs the module meanwhile
-                failed = True
-            finally:
-                if first:
-                    with self._lock:
-                        self._compiling.discard(shape)
-                        if self._node_lock_shape == shape:
-                            self._node_lock_shape = None
-                            self.node_lock.release()
-            if first and use_compiled and not failed:
-                seconds = time.perf_counter() - start
-                with self._lock:  # a thread that waited for another's compile only loaded it
-                    new = shape not in self.compiled_shapes
-                    if new:
-                        self.compiled_shapes[shape] = seconds
-                if new:
-                    log.info("compiled shape %s in %.1f s", shape, seconds)
+        use_compiled, first, owns_node_lock = self._claim(shape)
+        failed = compiled_now = False
+        try:
+            with self.gate.call(compiling=first), torch.inference_mode(), self.autocast():
+                use_compiled = use_compiled and self.compiled  # another thread may have given compiling up
+                start = time.perf_counter()
+                try:
+                    out = (self.run_module if use_compiled else self.module)(batch)
+                    if first and use_compiled and self.device.type == "cuda":
+                        torch.cuda.synchronize(self.device)
+                    compiled_now = first and use_compiled
+                except Exception as error:
+                    if not (first and use_compiled):
+                        raise
+                    self._compile_failed(error)  # still alone at the gate: no call runs the module meanwhile
+                    failed = True
+                finally:
+                    if first:
+                        seconds = time.perf_counter() - start
+                        with self._lock:  # recorded as the shape stops compiling: no gap to claim it again
+                            new = compiled_now and shape not in self.compiled_shapes
+                            if new:  # a thread that waited for another's compile only loaded it
+                                self.compiled_shapes[shape] = seconds
+                            self._compiling.discard(shape)
+                        if new:
+                            log.info("compiled shape %s in %.1f s", shape, seconds)
+        finally:
+            if owns_node_lock:
+                with self._lock:
+                    self.node_lock.release()
         if failed:
             return self._forward_once(tiles)
         return out[:b, :, :h, :w].float()

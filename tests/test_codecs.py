@@ -240,6 +240,19 @@ def test_cut_short_tiffs_are_called_truncated_not_misread(capfd):
     with pytest.raises(codecs.CodecError, match="head.tif: a TIFF header with no image in it"):
         codecs.decode(data[:8], "head.tif")
     assert codecs.probe(data[:178], "cut.tif").width == 64  # a header read from the first bytes may point past them
+    two = io.BytesIO()
+    with tifffile.TiffWriter(two) as writer:
+        for _ in range(2):
+            writer.write(photo("astronaut")[:64, :64], metadata=None)
+    second = tifffile.TiffFile(io.BytesIO(two.getvalue())).pages[1].offset
+    with pytest.raises(codecs.CodecError, match="two.tif: corrupt or truncated TIFF: tag 258"):
+        codecs.decode(two.getvalue()[:second + 172], "two.tif")  # cut inside the second page's tags
+    private = io.BytesIO()
+    tifffile.imwrite(private, photo("astronaut")[:64, :64], metadata=None, extratags=[(65000, "s", 0, "x" * 40, True)])
+    damaged = bytearray(private.getvalue())
+    entry = tifffile.TiffFile(io.BytesIO(bytes(damaged))).pages[0].tags[65000].offset
+    struct.pack_into("<I", damaged, entry + 8, 10 ** 6)  # a private tag's value out of the file: skipped, not refused
+    assert codecs.decode(bytes(damaged), "private.tif").pages[0].samples.shape == (64, 64, 3)
     assert "TiffFileError" not in capfd.readouterr().err
     np.testing.assert_array_equal(codecs.decode(data, "whole.tif").pages[0].samples, photo("astronaut")[:64, :64])
 

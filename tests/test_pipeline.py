@@ -312,17 +312,22 @@ def test_columnar_batches_round_trip_rows_with_arrays_outside_the_pickled_fields
     rows = [{"key": "a.png", "output_key": "a.png", "image": rgba,
              "restored": [codecs.Page(np.asfortranarray(photo16)), codecs.Page(photo16[::2, ::3])]},
             {"key": "b.jpg", "output_key": "b.jpg", "data": data},
-            {"key": "c.tif", "output_key": "c.tif", "status": "failed", "error_message": "corrupt"}]
+            {"key": "c.tif", "output_key": "c.tif", "status": "failed", "error_message": "corrupt"},
+            {"key": "d.dcm", "output_key": "d.dcm", "data": None,
+             "values": [np.arange(3, dtype=np.uint8), np.arange(5, dtype=">f8")]}]
     batch = stages.pack(rows)
     assert set(batch) == {"row", "payload"} and batch["payload"].dtype == object  # ragged: one array per row
     # Contiguous arrays (C or Fortran order) and the file bytes travel in the payload column.
-    assert [part.nbytes for part in batch["payload"]] == [2 * photo16.nbytes + alpha.nbytes, len(data), 0]
+    assert [part.nbytes for part in batch["payload"]][:3] == [2 * photo16.nbytes + alpha.nbytes, len(data), 0]
     assert max(len(fields) for fields in batch["row"]) < photo16[::2, ::3].nbytes + 2000
     single = stages.pack([rows[0]])
     assert single["payload"].dtype == np.uint8 and single["payload"].shape == (1, batch["payload"][0].size)
     restored = stages.unpack(batch) + [stages.unpack(stages.pack([row]))[0] for row in rows]
     for before, after in zip(rows + rows, restored):
         assert before.keys() == after.keys()
+        if "values" in before:  # each array starts aligned, whatever came before it
+            assert [v.tolist() for v in after["values"]] == [v.tolist() for v in before["values"]]
+            assert all(v.flags.aligned and v.dtype == w.dtype for v, w in zip(after["values"], before["values"]))
         assert after.get("data") == before.get("data") and after.get("status") == before.get("status")
         if "image" in before:
             assert after["image"].icc_profile == b"icc" and after["image"].mode == "RGBA;16"

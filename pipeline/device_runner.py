@@ -204,9 +204,10 @@ class DeviceRunner:
         self.channels_last = self.device.type == "cuda" and self.compiled
         if self.channels_last:
             self.module = self.module.to(memory_format=torch.channels_last)
+        cache = compile_cache_dir()
         if self.compiled:
             # Compiled kernels land in a cache on local disk that every replica of the node reuses.
-            os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", str(compile_cache_dir()))
+            os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", str(cache))
         # dynamic=False keeps each compiled shape specialised; buckets (BUCKET) and full batches
         # keep the shapes to a few, so a job compiles up front and never mid-way.
         self.run_module = torch.compile(self.module, dynamic=False) if self.compiled else self.module
@@ -214,7 +215,7 @@ class DeviceRunner:
         self.shape_calls: collections.Counter[tuple[int, ...]] = collections.Counter()  # batches per shape
         self._compiling: set[tuple[int, ...]] = set()  # shapes whose compiling call is under way
         self._lock = threading.Lock()  # the in-process executor's threads share this runner
-        self.node_lock = NodeCompileLock(compile_cache_dir())
+        self.node_lock = NodeCompileLock(cache)
         self.gate = CompileGate()
         self.full_batch = self.batch_size  # what a compiled model's batches are filled to (halved on OOM)
         self.max_side = 0  # the tile side, once known: a compiled bucket never exceeds it

@@ -202,6 +202,7 @@ def pack(rows: list[Row]) -> dict[str, Any]:
 
     fields = np.empty(len(rows), dtype=object)
     layouts: list[list[tuple[memoryview, int]]] = []
+    sizes: list[int] = []
     for i, row in enumerate(rows):
         buffers: list[pickle.PickleBuffer] = []
         data = row.get("data")
@@ -215,8 +216,8 @@ def pack(rows: list[Row]) -> dict[str, Any]:
             spans.append((part, start))
             end = start + part.nbytes
         layouts.append(spans)
+        sizes.append(end)
         fields[i] = pickle.dumps((inner, [(start, part.nbytes) for part, start in spans], apart), protocol=5)
-    sizes = [spans[-1][1] + spans[-1][0].nbytes if spans else 0 for spans in layouts]
     if len(set(sizes)) <= 1:  # one row per batch, as on CPUs, or equal sizes: a fixed-shape column
         column = np.empty((len(rows), sizes[0] if sizes else 0), np.uint8)
         payloads = list(column)

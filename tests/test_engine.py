@@ -267,17 +267,20 @@ def test_compile_is_decided_per_job_from_images_per_replica(device):
     assert EngineSettings().with_compile_for(10 * enough, "mps").compile is False
 
 
+def watched(restorer: Restorer) -> list[tuple[int, ...]]:
+    """The shapes that go to the restorer's compiled module from now on (which runs the eager
+    module: the compile logic without the minute of compiling)."""
+    compiled_calls: list[tuple[int, ...]] = []
+    runner = restorer.runner
+    runner.run_module = lambda batch: compiled_calls.append(tuple(batch.shape)) or runner.module(batch)
+    return compiled_calls
+
+
 def test_a_job_compiled_by_default_leaves_rare_shapes_eager(spec, monkeypatch):
     """Compiled by default, a tile shape compiles at its AUTO_COMPILE_AFTER_CALLS-th call, so one
     odd-sized image costs no compile; and no replica compiles more than MAX_COMPILED_SHAPES shapes."""
     from pipeline import device_runner
     from pipeline.settings import AUTO_COMPILE_AFTER_CALLS
-
-    def watched(restorer: Restorer) -> list[tuple[int, ...]]:
-        compiled_calls: list[tuple[int, ...]] = []
-        runner = restorer.runner
-        runner.run_module = lambda batch: compiled_calls.append(tuple(batch.shape)) or runner.module(batch)
-        return compiled_calls  # the shapes that went to the compiled module, without the minute of compiling
 
     img = photo("astronaut")
     common, odd = [img[:100, :90]] * (AUTO_COMPILE_AFTER_CALLS + 2), [img[:200, :250]]
@@ -383,8 +386,7 @@ def test_replicas_of_a_node_compile_one_at_a_time_and_run_eager_meanwhile(spec, 
     try:
         assert holder.stdout.readline().strip() == "held"
         restorer = Restorer(spec, EngineSettings(precision="fp32", compile=True))
-        runner, compiled_calls = restorer.runner, []
-        runner.run_module = lambda batch: compiled_calls.append(tuple(batch.shape)) or runner.module(batch)
+        runner, compiled_calls = restorer.runner, watched(restorer)
         img = photo("astronaut")[:100, :90]
         outputs = [restorer.restore_arrays([float_job(img)])[0] for _ in range(2)]
         assert compiled_calls == [] and runner.compiled_shapes == {}  # the other process compiles

@@ -95,10 +95,8 @@ def main() -> dict:
     compile_mode = {"on": True, "off": False, "auto": None}[args.compile]
 
     from pipeline.engine import EngineSettings
-    from pipeline.ray_runtime import connect
-    from pipeline.plan import make_plan
-    from pipeline.runner import execute
-    from pipeline.stages import JobSpec
+    from pipeline.graph import ClusterOptions
+    from pipeline.runner import EarlyReplicas, execute, prepare_job
 
     with tempfile.TemporaryDirectory() as tmp:
         src = Path(tmp) / "in"
@@ -110,12 +108,13 @@ def main() -> dict:
         for executor in ("inline", "ray"):
             os.environ["TORCHINDUCTOR_CACHE_DIR"] = args.cache_dir or str(Path(tmp) / f"inductor-{executor}")
             start = time.perf_counter()
-            if executor == "ray":
-                connect()
-                startup = time.perf_counter() - start
-            plan = make_plan(str(src), str(Path(tmp) / executor))
-            spec = JobSpec(plan.source, plan.output, model, "denoise", None, EngineSettings(compile=compile_mode))
-            result = execute(plan, spec, executor=executor, quiet=True)
+            early = EarlyReplicas(ClusterOptions()) if executor == "ray" else None  # as `mirnet restore` does
+            plan, spec, resolved = prepare_job(str(src), str(Path(tmp) / executor), model=model, task="denoise",
+                                               settings=EngineSettings(compile=compile_mode), while_listing=early)
+            if early is not None:
+                startup = time.perf_counter() - start  # Ray up, replicas created (they load meanwhile)
+            result = execute(plan, spec, executor=executor, quiet=True, model=resolved,
+                             pool=early.pool if early else None)
             seconds[executor] = time.perf_counter() - start
             steady[executor] = steady_rate(Path(tmp) / executor)
             assert result.ok == args.images, result.failures[:1]

@@ -1,10 +1,12 @@
-"""What a Ray Data stage boundary costs per image: the pipeline's columnar batches against
-one pickled object per row (the earlier format, kept here as the reference).
+"""What a stage boundary of the Ray graph costs per image: the pipeline's columnar batches
+(``pipeline.stages.pack``) against plain rows as Ray serialises them, and against one pickled
+object per row (the format of the first graph, kept here as the reference).
 
-Each run pushes ``--images`` rows holding one decoded RGB image through ``--stages``
-identity stages (unpack, pack) on a local runtime; a run with 16×16 images gives the
-fixed cost of the tasks themselves (the mean of both formats' runs), which is subtracted;
-differences under about a second per run are this machine's run-to-run spread:
+Each run pushes ``--images`` rows holding one decoded RGB image through ``--stages`` identity
+tasks (unpack, pack), chained by object references as the graph chains its stages, on a local
+runtime; a run with 16×16 images gives the fixed cost of the tasks themselves (the mean of the
+formats' runs), which is subtracted; differences under about a second per run are this
+machine's run-to-run spread:
 
     python -m benchmarks.stage_boundary [--sizes 512 1024 2048] [--images 200] [--stages 4] [--json F]
     python -m benchmarks.stage_boundary --quick   # seconds; checks the report's shape (CI)
@@ -33,34 +35,42 @@ def unpickled_rows(batch: dict[str, Any]) -> list[dict[str, Any]]:
     return [pickle.loads(fields) for fields in batch["row"]]
 
 
+def plain_rows(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Rows as they are: Ray pickles them, arrays out of band, file bytes in band."""
+    return rows
+
+
 def run_once(side: int, images: int, stages_count: int, pack: Callable, unpack: Callable) -> float:
     """Seconds for ``images`` rows of one side×side RGB image through ``stages_count`` identity stages."""
-    import ray.data
+    import ray
 
     from pipeline import codecs
 
-    def make(batch: dict[str, Any]) -> dict[str, Any]:
-        rng = np.random.default_rng(int(batch["item"][0]))
+    @ray.remote(num_cpus=0.25)
+    def make(item: int) -> Any:
+        rng = np.random.default_rng(item)
         return pack([{"key": str(item), "image": codecs.DecodedImage(
-            "x.png", "PNG", [codecs.Page(rng.integers(0, 256, (side, side, 3), np.uint8))], 8, "RGB")}
-            for item in batch["item"]])
+            "x.png", "PNG", [codecs.Page(rng.integers(0, 256, (side, side, 3), np.uint8))], 8, "RGB")}])
 
-    def identity(batch: dict[str, Any]) -> dict[str, Any]:
+    @ray.remote(num_cpus=0.25)
+    def identity(batch: Any) -> Any:
         rows = unpack(batch)
         for row in rows:
             row["stages"] = row.get("stages", 0) + 1
         return pack(rows)
 
-    def last(batch: dict[str, Any]) -> dict[str, Any]:
-        return {"stages": np.array([row["stages"] for row in unpack(batch)])}
+    @ray.remote(num_cpus=0.25)
+    def last(batch: Any) -> int:
+        return unpack(batch)[0]["stages"]
 
-    ds = ray.data.from_items([{"item": i} for i in range(images)], override_num_blocks=images)
-    ds = ds.map_batches(make, batch_size=1, num_cpus=0.25)
-    for _ in range(stages_count):
-        ds = ds.map_batches(identity, batch_size=1, num_cpus=0.25)
-    ds = ds.map_batches(last, batch_size=1, num_cpus=0.25)
     start = time.perf_counter()
-    done = [int(b["stages"][0]) for b in ds.iter_batches(batch_size=1, prefetch_batches=0)]
+    finals = []
+    for item in range(images):
+        ref = make.remote(item)
+        for _ in range(stages_count):
+            ref = identity.remote(ref)
+        finals.append(last.remote(ref))
+    done = ray.get(finals)
     seconds = time.perf_counter() - start
     if done != [stages_count] * images:
         raise RuntimeError(f"rows lost or altered: {len(done)} of {images} came back")
@@ -79,15 +89,12 @@ def main() -> dict[str, Any]:
         args.sizes, args.images, args.stages = [64], 4, 1
 
     import ray
-    import ray.data
 
     from pipeline import stages
 
     ray.init(address="local", num_cpus=os.cpu_count(), include_dashboard=False, log_to_driver=False)
-    context = ray.data.DataContext.get_current()
-    context.enable_progress_bars = False
-    context.execution_options.preserve_order = False
-    formats = {"pickled rows": (pickled_rows, unpickled_rows), "columnar": (stages.pack, stages.unpack)}
+    formats = {"pickled rows": (pickled_rows, unpickled_rows), "plain rows": (plain_rows, plain_rows),
+               "columnar": (stages.pack, stages.unpack)}
     boundaries = args.stages + 1  # make -> identities -> last
     report: dict[str, Any] = {"images": args.images, "stages": args.stages, "cpus": os.cpu_count(), "sizes": {}}
     try:
@@ -103,15 +110,16 @@ def main() -> dict[str, Any]:
                 per_boundary = max(seconds - baseline, 0.0) / args.images / boundaries * 1e3
                 entry[name] = {"seconds": round(seconds, 3), "ms_per_boundary": round(per_boundary, 3)}
             reference = entry["pickled rows"]["ms_per_boundary"]
-            columnar = entry["columnar"]["ms_per_boundary"]
-            entry["columnar_over_pickled"] = round(columnar / reference, 3) if reference else None
+            for name in ("plain rows", "columnar"):
+                mine = entry[name]["ms_per_boundary"]
+                entry[name]["over_pickled"] = round(mine / reference, 3) if reference else None
             report["sizes"][str(side)] = entry
     finally:
         ray.shutdown()
-    print(f"{'image':>10} {'pickled rows ms':>16} {'columnar ms':>12} {'ratio':>6}  (per image per stage boundary)")
+    print(f"{'image':>10} " + " ".join(f"{name + ' ms':>16}" for name in formats)
+          + "  (per image per stage boundary)")
     for side, entry in report["sizes"].items():
-        print(f"{side + '²':>10} {entry['pickled rows']['ms_per_boundary']:>16.2f} "
-              f"{entry['columnar']['ms_per_boundary']:>12.2f} {entry['columnar_over_pickled'] or 0:>6.2f}")
+        print(f"{side + '²':>10} " + " ".join(f"{entry[name]['ms_per_boundary']:>16.2f}" for name in formats))
     return emit(report, args.json)
 
 

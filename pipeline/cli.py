@@ -22,7 +22,7 @@ from .formats import FORMAT_BY_NAME
 if TYPE_CHECKING:  # the heavy modules load inside the commands
     from .codecs import FormatOptions
     from models import LoadedModel
-    from .graph import ClusterOptions
+    from .graph import ClusterOptions, ReplicaPool
     from .plan import Plan
     from .stages import JobSpec
 
@@ -195,22 +195,29 @@ def restore(src: str, dst: str, task: str | None, model: str | None, scale: str 
     formats = _format_options(bands, scale_range, stac, slice_axis)
     from .engine import EngineSettings
     from .graph import ClusterOptions
-    from .runner import prepare_job
+    from .runner import EarlyReplicas, prepare_job, ray_from_the_start
 
     settings = EngineSettings(tile=tile, overlap=overlap, batch_size=batch_size, precision=precision,  # type: ignore[arg-type]
                               device=device, scale=scale_n, compile=compile_model, tta=tta)
-    say(f"listing {src} ...")
-    plan, spec, resolved = prepare_job(src, dst, model=model, task=task, scale=scale_n, settings=settings,
-                                       out_format=fmt, storage_options=options, include=include,
-                                       exclude=exclude, keys_from=keys_from, overwrite=overwrite,
-                                       allow_empty=allow_empty, max_pixels=max_pixels, dry_run=dry_run)
+    cluster = ClusterOptions(address=address, num_gpus=num_gpus, replicas=replicas, cpus_per_replica=cpus_per_replica,
+                             images_per_batch=images_per_batch, num_cpus=num_cpus,
+                             runtime_env=_json_option(runtime_env, "--runtime-env") or None, quiet=quiet)
+    early = EarlyReplicas(cluster) if not dry_run and ray_from_the_start(executor, address) else None
+    say(f"listing {src} ..." if early is None else f"listing {src}, starting Ray and the replicas meanwhile ...")
+    try:
+        plan, spec, resolved = prepare_job(src, dst, model=model, task=task, scale=scale_n, settings=settings,
+                                           out_format=fmt, storage_options=options, include=include,
+                                           exclude=exclude, keys_from=keys_from, overwrite=overwrite,
+                                           allow_empty=allow_empty, max_pixels=max_pixels, dry_run=dry_run,
+                                           while_listing=early)
+    except BaseException:
+        if early is not None:
+            early.close()
+        raise
     spec = dataclasses.replace(spec, formats=formats)
     try:
         _run_planned(plan, spec, resolved, executor=executor, address=address, dry_run=dry_run, fail_fast=fail_fast,
-                     quiet=quiet, say=say, make_report=make_report, cluster=ClusterOptions(
-                         address=address, num_gpus=num_gpus, replicas=replicas, cpus_per_replica=cpus_per_replica,
-                         images_per_batch=images_per_batch, num_cpus=num_cpus,
-                         runtime_env=_json_option(runtime_env, "--runtime-env") or None, quiet=quiet))
+                     quiet=quiet, say=say, make_report=make_report, cluster=cluster, pool=early and early.pool)
     finally:
         plan.release()
 
@@ -233,7 +240,7 @@ def _format_options(bands: str | None, scale_range: str | None, stac: bool, slic
 
 def _run_planned(plan: Plan, spec: JobSpec, resolved: LoadedModel, *, executor: str, address: str | None,
                  dry_run: bool, fail_fast: bool, quiet: bool, say: Callable[[str], None],
-                 cluster: ClusterOptions, make_report: bool = False) -> None:
+                 cluster: ClusterOptions, make_report: bool = False, pool: ReplicaPool | None = None) -> None:
     """The second half of ``restore``: print a dry run's plan, or execute it and exit with its status."""
     from .runner import choose_executor, execute, summary
 
@@ -252,7 +259,7 @@ def _run_planned(plan: Plan, spec: JobSpec, resolved: LoadedModel, *, executor: 
     if chosen == "inline" and executor == "auto" and len(plan.runnable) > 1:
         say(why)
     result = execute(plan, spec, executor=chosen, cluster=cluster, fail_fast=fail_fast, quiet=quiet,
-                     model=resolved)
+                     model=resolved, pool=pool)
     click.echo(summary(result, plan), err=True)
     if make_report:
         _report_after_run(plan, result.run_id)

@@ -1,15 +1,26 @@
-"""The Ray Data graph: keys -> read (I/O tasks) -> decode (CPU) -> restore (actor pool)
--> encode and write (CPU). CPU replicas decode, encode and write their own images
-(``ClusterOptions.separate_stages``): there every stage shares the same cores.
+"""The Ray graph. On GPUs: read tasks -> decode tasks -> model replicas -> encode-and-write
+tasks. On CPUs: replicas that read, decode, restore, encode and write their own images.
 
 One model replica per GPU (``num_gpus=1``), or CPU replicas whose torch threads match
-the CPUs they reserve. Payloads travel between stages through the object store; the
-driver only receives each image's small manifest row.
+the CPUs they reserve. On CPUs every stage shares the same cores, so separate tasks only
+add workers, scheduling and object-store copies; a CPU replica instead runs two calls at
+once, the model under a lock, so one image's read, decode, encode and write overlap the
+other's restoration (``ClusterOptions.separate_stages`` overrides either way).
+
+The replicas are started by :class:`ReplicaPool` as soon as Ray is up, before the job's
+inputs are listed (``pipeline.runner.prepare_job``): loading torch and the model overlaps
+the listing. Images then stream through them: GPU graphs read a bounded window ahead, each
+replica holds at most ``in_flight`` calls, and every image travels between stages as one
+columnar batch (:func:`pipeline.stages.pack`) in the object store; the driver only
+receives each image's small manifest row.
 """
 from __future__ import annotations
 
 import logging
 import os
+import threading
+import time
+from collections import deque
 from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Any, Callable, Iterator
 
@@ -22,8 +33,10 @@ from .settings import EngineError
 if TYPE_CHECKING:  # torch loads in the replicas only: read, decode and write workers start light
     from models import LoadedModel, ModelRef
 
+    from .engine import Restorer
+
 log = logging.getLogger(__name__)
-MAX_BLOCKS = 10_000  # input blocks of a job: one per replica call up to this many
+REPLICA_RETRIES = 3  # a call whose replica died is retried on its restarted replica this often
 LIGHT_TASK_CPUS = 0.25  # read / decode / encode tasks: they overlap the replicas' compute
 CPU_REPLICA_SHARE = 0.75  # a CPU replica reserves this share of its cores' scheduling slots
 
@@ -50,47 +63,58 @@ class ClusterOptions:
 
 
 class RestoreReplica:
-    """One model replica: loads the driver's model once, restores batches of decoded images.
+    """One model replica: loads the driver's model once, then restores the images of each call.
 
     ``data`` holds, for a checkpoint file, one object-store reference to the bytes the
-    driver read and checked; the replica loads those and checks their sha256 again.
-    With ``whole_image`` (CPU replicas) it also decodes, encodes and writes its images:
-    on CPUs every stage competes for the same cores, so separate stages would only add
-    tasks and object-store copies of decoded pixels.
+    driver read and checked; the replica loads those and checks their sha256 again. The
+    job's spec (with its compile decision, made once the inputs are listed) comes with
+    each call; the replica builds its restorer on the first. With ``whole_image`` (CPU
+    replicas) a call also reads, decodes, encodes and writes its images, outside the model
+    lock: with two calls at once, that work overlaps the other call's restoration.
     """
 
-    def __init__(self, spec: JobSpec, ref: ModelRef, data: list[Any], threads: int, device: str | None,
-                 whole_image: bool = False) -> None:
+    def __init__(self, ref: ModelRef, data: list[Any], threads: int, device: str | None) -> None:
         import ray
         import torch
 
         from models import LoadedModel
 
-        from .engine import Restorer
-
         torch.set_num_threads(max(threads, 1))
         self.node = ray.get_runtime_context().get_node_id()
-        settings = spec.settings if device is None else replace(spec.settings, device=device)
-        self.restorer = Restorer(LoadedModel.from_reference(ref, ray.get(data[0]) if data else None), settings)
-        self.spec, self.whole_image = spec, whole_image
+        self.model = LoadedModel.from_reference(ref, ray.get(data[0]) if data else None)
+        self.device = device
+        self.restorer: Restorer | None = None
+        self.model_lock = threading.Lock()  # one call at a time runs the model
+        self.started_at = time.time()
 
-    def __call__(self, batch: dict[str, Any]) -> dict[str, Any]:
-        rows = stages.unpack(batch)
-        if self.whole_image:
-            rows = [stages.decode(row, self.spec) for row in rows]
-        rows = stages.restore(rows, self.restorer)
-        if self.whole_image:
-            rows = [stages.finish(row, self.spec) for row in rows]
+    def ready(self) -> float:
+        """When this replica had its model loaded (wall clock): a call that waits for it to be up."""
+        return self.started_at
+
+    def restore(self, spec: JobSpec, whole_image: bool, *batches: dict[str, Any]) -> Any:
+        """The images of ``batches`` (one packed row each) restored: one packed row per image."""
+        from .engine import Restorer
+
+        rows = [row for batch in batches for row in stages.unpack(batch)]
+        if whole_image:
+            rows = [stages.decode(stages.read(row, spec), spec) for row in rows]
+        with self.model_lock:
+            if self.restorer is None:
+                settings = spec.settings if self.device is None else replace(spec.settings, device=self.device)
+                self.restorer = Restorer(self.model, settings)
+            rows = stages.restore(rows, self.restorer)
+        if whole_image:
+            rows = [stages.finish(row, spec) for row in rows]
         for row in rows:
             row["node"] = self.node
-        return stages.pack(rows)
+        packed = [stages.pack([row]) for row in rows]
+        return packed if len(packed) > 1 else packed[0]
 
 
-def _per_row(fn: Callable[[Row], Row]) -> Callable[[dict[str, Any]], dict[str, Any]]:
-    def apply(batch: dict[str, Any]) -> dict[str, Any]:
-        return stages.pack([fn(row) for row in stages.unpack(batch)])
-
-    return apply
+def light_stage(name: str, spec: JobSpec, batch: dict[str, Any]) -> dict[str, Any]:
+    """One image through a CPU stage of the graph: ``read``, ``decode`` or ``finish`` (encode and write)."""
+    stage = {"read": stages.read, "decode": stages.decode, "finish": stages.finish}[name]
+    return stages.pack([stage(row, spec) for row in stages.unpack(batch)])
 
 
 def cpu_replica_threads(cpus: int) -> int:
@@ -113,54 +137,145 @@ def pool_shape(options: ClusterOptions) -> dict[str, Any]:
     cpus = int(resources.get("CPU", 1))
     per = options.cpus_per_replica or cpu_replica_threads(cpus)
     size = options.replicas or max(1, cpus // per)
-    # One batch in flight per CPU replica: a busy replica never queues work an idle one could take.
+    # Two calls in flight per CPU replica, run at once: one's I/O and codecs overlap the other's model.
     return {"size": size, "num_gpus": 0, "num_cpus": per * CPU_REPLICA_SHARE, "threads": per, "device": "cpu",
-            "in_flight": 1, "images_per_batch": options.images_per_batch or 1}
+            "in_flight": 2, "images_per_batch": options.images_per_batch or 1}
+
+
+class ReplicaPool:
+    """A job's model replicas, started on Ray as soon as it is up (they load while the job is planned).
+
+    Creating the actors returns at once; their processes import torch and load the
+    model in the background. :meth:`close` removes them (a pool serves one job).
+    """
+
+    def __init__(self, model: LoadedModel, options: ClusterOptions,
+                 on_phase: Callable[[str], None] = lambda text: None) -> None:
+        import ray
+
+        self.created_at = time.perf_counter()
+        on_phase("starting Ray" if not (options.address or os.environ.get("RAY_ADDRESS")) else "connecting to Ray")
+        with backend_log_filtered(options.quiet):
+            connect(options.address, options.num_cpus, options.runtime_env)
+            self.shape = pool_shape(options)
+            self.separate = (self.shape["device"] != "cpu" if options.separate_stages is None
+                             else options.separate_stages)
+            # Held for the pool's life: a restarted replica loads the model from these bytes again.
+            self.data = [ray.put(model.data)] if model.data is not None else []
+            replica = ray.remote(RestoreReplica).options(
+                num_gpus=self.shape["num_gpus"], num_cpus=self.shape["num_cpus"],
+                max_concurrency=1 if self.separate else self.shape["in_flight"],
+                max_restarts=-1, max_task_retries=REPLICA_RETRIES)
+            self.replicas = [replica.remote(model.reference(), self.data, self.shape["threads"],
+                                            self.shape["device"]) for _ in range(self.shape["size"])]
+        log.info("started %d replica(s): %s", len(self.replicas), self.shape)
+
+    @property
+    def size(self) -> int:
+        return len(self.replicas)
+
+    def close(self) -> None:
+        import ray
+
+        for replica in self.replicas:
+            ray.kill(replica)
+        self.replicas = []
+
+
+def _failed_rows(items: list[WorkItem], exc: BaseException) -> list[Row]:
+    """The rows of images whose task or replica call failed as a whole, each naming the cause:
+    a replica that died at every try (a crash, the OOM killer), or a worker lost more often
+    than Ray retries its task."""
+    import ray
+
+    cause = getattr(exc, "cause", None)
+    cause = cause if isinstance(cause, BaseException) else exc
+    rows = []
+    for item in items:
+        row = stages.fail({"key": item.key, "output_key": item.output_key}, cause)
+        if isinstance(exc, ray.exceptions.RayActorError):
+            said = (str(exc).strip().splitlines() or [""])[0]
+            row["error_message"] = (f"{item.key}: the model replica died while restoring it, at each of "
+                                    f"{REPLICA_RETRIES + 1} tries (its process crashed or was killed: out of "
+                                    f"memory, or a fault in native code); Ray said: {said}")[:2000]
+        rows.append(row)
+    return rows
 
 
 def run_graph(spec: JobSpec, items: list[WorkItem], options: ClusterOptions, model: LoadedModel | None = None,
-              on_phase: Callable[[str], None] = lambda text: None) -> Iterator[Row]:
+              on_phase: Callable[[str], None] = lambda text: None, pool: ReplicaPool | None = None) -> Iterator[Row]:
     """Run the job on Ray and yield each image's finished row as it completes.
 
-    ``model`` is the driver's resolved model (resolved here if not given); it is
-    fetched once, and every replica loads exactly its bytes.
+    ``model`` is the driver's resolved model (resolved here if not given); it is fetched
+    once, and every replica loads exactly its bytes. ``pool``: replicas started earlier
+    for this job (else started here); closed when the job ends.
     """
-    import ray.data
-
     import models
 
-    model = model or models.resolve(spec.model, spec.task, spec.scale, spec.source.options)
-    on_phase("starting Ray" if not (options.address or os.environ.get("RAY_ADDRESS")) else "connecting to Ray")
-    connect(options.address, options.num_cpus, options.runtime_env)
-    ctx = ray.data.DataContext.get_current()
-    ctx.execution_options.preserve_order = False
-    ctx.enable_progress_bars = False
-    ctx.print_on_execution_start = False
-    shape = pool_shape(options)
-    spec = replace(spec, settings=spec.settings.with_compile_for(len(items) / shape["size"], shape["device"]))
-    log.info("restoring with %d replica(s): %s; compile: %s", shape["size"], shape, spec.settings.compile)
-    on_phase(f"starting {shape['size']} replica(s), loading the model"
-             + (" (compiling it: a minute or more)" if spec.settings.compile else ""))
-    data = [ray.put(model.data)] if model.data is not None else []
-    seed = [{"key": i.key, "output_key": i.output_key} for i in items]
-    per_batch = shape["images_per_batch"]  # at least 1 (ClusterOptions checks it)
-    # One input block per replica call: a block's images leave each stage together, so
-    # bigger blocks hold finished images back and leave replicas idle at the end of a job.
-    blocks = max(1, min(-(-len(items) // per_batch), MAX_BLOCKS))
-    ds = ray.data.from_items(seed, override_num_blocks=blocks)
-    ds = ds.map_batches(_per_row(lambda row: stages.read(row, spec)), batch_size=1, num_cpus=LIGHT_TASK_CPUS)
-    separate = shape["device"] != "cpu" if options.separate_stages is None else options.separate_stages
-    if separate:
-        ds = ds.map_batches(_per_row(lambda row: stages.decode(row, spec)), batch_size=1, num_cpus=LIGHT_TASK_CPUS)
-    ds = ds.map_batches(RestoreReplica, batch_size=per_batch,
-                        compute=ray.data.ActorPoolStrategy(size=shape["size"],
-                                                           max_tasks_in_flight_per_actor=shape["in_flight"]),
-                        fn_constructor_kwargs={"spec": spec, "ref": model.reference(), "data": data,
-                                               "threads": shape["threads"], "device": shape["device"],
-                                               "whole_image": not separate},
-                        num_gpus=shape["num_gpus"], num_cpus=shape["num_cpus"])
-    if separate:
-        ds = ds.map_batches(_per_row(lambda row: stages.finish(row, spec)), batch_size=1, num_cpus=LIGHT_TASK_CPUS)
-    with backend_log_filtered(options.quiet):
-        for batch in ds.iter_batches(batch_size=1, batch_format="numpy", prefetch_batches=0):
-            yield from stages.unpack(batch)
+    if pool is None:
+        model = model or models.resolve(spec.model, spec.task, spec.scale, spec.source.options)
+        pool = ReplicaPool(model, options, on_phase)
+    try:
+        shape = pool.shape
+        spec = replace(spec, settings=spec.settings.with_compile_for(len(items) / pool.size, shape["device"]))
+        log.info("restoring with %d replica(s): %s; compile: %s", pool.size, shape, spec.settings.compile)
+        on_phase(f"{pool.size} replica(s) loading the model"
+                 + (" (compiling it: a minute or more)" if spec.settings.compile else ""))
+        with backend_log_filtered(options.quiet):
+            yield from _stream(spec, items, pool)
+    finally:
+        pool.close()
+
+
+def _stream(spec: JobSpec, items: list[WorkItem], pool: ReplicaPool) -> Iterator[Row]:
+    """The scheduling loop: each batch goes to the least busy replica with room (in separate
+    stages, its reads and decodes started a bounded window ahead); finished rows are yielded
+    as they land."""
+    import ray
+
+    shape, separate = pool.shape, pool.separate
+    light = ray.remote(light_stage).options(num_cpus=LIGHT_TASK_CPUS)
+    spec_ref = ray.put(spec)
+    per_batch = shape["images_per_batch"]
+    batches = (items[i:i + per_batch] for i in range(0, len(items), per_batch))
+    ahead = pool.size * (shape["in_flight"] + 1)  # batches queued (read and decoded, in separate stages)
+    queued: deque[tuple[list[WorkItem], list[Any]]] = deque()
+    load = [0] * pool.size  # calls each replica holds
+    calls: dict[Any, int] = {}  # a call's first result -> its replica
+    finals: dict[Any, WorkItem] = {}  # an image's last result -> the image
+    try:
+        while True:
+            while len(queued) < ahead and (batch := next(batches, None)) is not None:
+                refs = [stages.pack([{"key": i.key, "output_key": i.output_key}]) for i in batch]
+                if separate:
+                    refs = [light.remote("decode", spec_ref, light.remote("read", spec_ref, seed)) for seed in refs]
+                queued.append((batch, refs))
+            while queued and min(load) < shape["in_flight"]:
+                index = load.index(min(load))
+                batch, refs = queued.popleft()
+                outs = pool.replicas[index].restore.options(num_returns=len(refs)).remote(
+                    spec_ref, not separate, *refs)
+                outs = outs if isinstance(outs, list) else [outs]
+                calls[outs[0]] = index
+                load[index] += 1
+                if separate:
+                    outs = [light.remote("finish", spec_ref, ref) for ref in outs]
+                finals.update(zip(outs, batch))
+            if not finals:
+                return
+            ready, _ = ray.wait(list(finals.keys() | calls.keys()), num_returns=1, fetch_local=False)
+            for ref in ready:
+                if ref in calls:
+                    load[calls.pop(ref)] -= 1
+                item = finals.pop(ref, None)
+                if item is not None:
+                    try:
+                        yield from stages.unpack(ray.get(ref))
+                    except ray.exceptions.RayError as exc:
+                        yield from _failed_rows([item], exc)
+    finally:  # stopped early (--fail-fast) or failed: what has not started is dropped
+        for ref in finals:
+            try:
+                ray.cancel(ref)
+            except Exception:  # already finished, or a call its replica runs: closing the pool ends it
+                pass

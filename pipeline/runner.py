@@ -20,7 +20,7 @@ from models import LoadedModel
 
 from .device_runner import pick_device
 from .engine import EngineSettings, Restorer, check_settings
-from .graph import ClusterOptions, cpu_replica_threads, run_graph
+from .graph import ClusterOptions, ReplicaPool, cpu_replica_threads, run_graph
 from .lease import DestinationLease
 from .manifest import ManifestWriter, empty_row, new_run_id, write_claim, write_run_summary
 from .plan import Plan, WorkItem, make_plan
@@ -129,6 +129,9 @@ def refused_row(item: WorkItem) -> Row:
 SMALL_JOB_IMAGES = 64
 SMALL_JOB_MEGAPIXELS = 6.0
 HEADER_BYTES = 1 << 18
+# prepare_job waits this long for a plan that fails at once (missing SRC, DST = SRC) before it
+# starts Ray and the replicas beside the listing.
+PLAN_ERROR_GRACE_S = 0.5
 
 
 def job_megapixels(plan: Plan, max_pixels: int | None = None) -> float:
@@ -154,12 +157,34 @@ def job_megapixels(plan: Plan, max_pixels: int | None = None) -> float:
         return sum(pool.map(one, plan.runnable))
 
 
+def ray_from_the_start(requested: str, address: str | None) -> bool:
+    """Whether a job runs on Ray whatever its plan holds (``--executor ray``, or a cluster
+    address under ``auto``): then its replicas start while it is planned."""
+    return requested == "ray" or (requested == "auto" and bool(address or os.environ.get("RAY_ADDRESS")))
+
+
+class EarlyReplicas:
+    """``prepare_job(while_listing=...)`` for a Ray job: starts Ray and the job's replicas,
+    which import torch and load the model while the inputs are listed."""
+
+    def __init__(self, cluster: ClusterOptions) -> None:
+        self.cluster = cluster
+        self.pool: ReplicaPool | None = None
+
+    def __call__(self, model: LoadedModel) -> None:
+        self.pool = ReplicaPool(model, self.cluster)
+
+    def close(self) -> None:
+        if self.pool is not None:
+            self.pool.close()
+
+
 def choose_executor(plan: Plan, requested: str, address: str | None,
                     max_pixels: int | None = None) -> tuple[str, str]:
     """``inline`` or ``ray``, and why. ``auto`` takes Ray for a cluster or a big job."""
     if requested != "auto":
         return requested, f"--executor {requested}"
-    if address or os.environ.get("RAY_ADDRESS"):
+    if ray_from_the_start(requested, address):
         return "ray", "a Ray cluster address was given"
     count = len(plan.runnable)
     if count <= 1:
@@ -218,16 +243,20 @@ class Progress:
 
 def execute(plan: Plan, spec: JobSpec, *, executor: str = "ray", cluster: ClusterOptions = ClusterOptions(),
             fail_fast: bool = False, quiet: bool = False, stream: TextIO = sys.stderr,
-            restorer: Restorer | None = None, model: LoadedModel | None = None) -> JobResult:
+            restorer: Restorer | None = None, model: LoadedModel | None = None,
+            pool: ReplicaPool | None = None) -> JobResult:
     """Run the plan, writing manifest parts as images finish, then release its lease.
 
     ``model`` is the model the driver resolved and checked; replicas run exactly its
-    bytes. Items the plan refused are recorded as failed rows without being read.
+    bytes. ``pool``: replicas started for this job while it was planned (Ray only;
+    closed when the run ends). Items the plan refused are recorded as failed rows
+    without being read.
     """
     result = JobResult(plan.run_id, skipped=len(plan.skipped))
     runnable = plan.runnable
     progress = Progress(len(plan.todo), quiet, stream)
-    start = time.perf_counter()  # the run's seconds include loading the model, as on Ray
+    # The run's seconds include loading the model, and starting Ray and the replicas (during the listing).
+    start = min(time.perf_counter(), pool.created_at if pool is not None else float("inf"))
     local = None
     if executor == "inline" and runnable:  # before anything is written: a device this machine lacks is refused here
         progress.phase("loading the model")
@@ -239,6 +268,8 @@ def execute(plan: Plan, spec: JobSpec, *, executor: str = "ray", cluster: Cluste
                                                                  spec.source.options), spec.settings)
         except BaseException:
             progress.close()
+            if pool is not None:
+                pool.close()
             raise
     writer = ManifestWriter(plan.output, result.run_id)
     # Claim the outputs first: a rerun after a crash recognises them as this destination's own.
@@ -253,7 +284,7 @@ def execute(plan: Plan, spec: JobSpec, *, executor: str = "ray", cluster: Cluste
             progress.phase("restoring" + (" (torch.compile on: a minute or more to compile)" if local.runner.compiled else ""))
             yield from run_inline(spec, runnable, local, on_tiles=progress.tiles)
         else:
-            yield from run_graph(spec, runnable, cluster, model=model, on_phase=progress.phase)
+            yield from run_graph(spec, runnable, cluster, model=model, on_phase=progress.phase, pool=pool)
 
     try:
         for row in rows():
@@ -277,6 +308,8 @@ def execute(plan: Plan, spec: JobSpec, *, executor: str = "ray", cluster: Cluste
                     break
     finally:
         progress.close()
+        if pool is not None:  # not run at all (nothing to restore), or already closed by the graph
+            pool.close()
         result.seconds = time.perf_counter() - start
         try:
             writer.close()
@@ -315,12 +348,15 @@ def prepare_job(src: str, dst: str, *, model: str | None = None, task: str | Non
                 out_format: str | None = None, storage_options: dict[str, Any] | None = None,
                 include: Iterable[str] = (), exclude: Iterable[str] = (), keys_from: str | None = None,
                 overwrite: bool = False, allow_empty: bool = False, max_pixels: int | None = None,
-                dry_run: bool = False) -> tuple[Plan, JobSpec, LoadedModel]:
+                dry_run: bool = False,
+                while_listing: Callable[[LoadedModel], None] | None = None) -> tuple[Plan, JobSpec, LoadedModel]:
     """Everything checked before the first image: model, settings, inputs, destination.
 
     A real run then holds the destination's lease (DestinationBusy if another run
     does) until :func:`execute` ends or ``plan.release()``. A dry run checks the same
-    things, but writes nothing and takes no lease.
+    things, but writes nothing and takes no lease. ``while_listing(model)`` runs in this
+    thread while the inputs are listed and the destination checked in another
+    (:class:`EarlyReplicas`); an error of the plan comes first.
     """
     resolved = models.resolve(model, task, scale, storage_options)
     check_settings(resolved, settings)
@@ -334,10 +370,24 @@ def prepare_job(src: str, dst: str, *, model: str | None = None, task: str | Non
             lease.acquire()
             leases.append(lease)
 
-    try:
-        plan = make_plan(src, dst, storage_options=storage_options, include=include, exclude=exclude,
+    def plan_job() -> Plan:
+        return make_plan(src, dst, storage_options=storage_options, include=include, exclude=exclude,
                          keys_from=keys_from, out_format=out_format, overwrite=overwrite, allow_empty=allow_empty,
                          before_schedule=hold)
+
+    try:
+        if while_listing is None:
+            plan = plan_job()
+        else:
+            with ThreadPoolExecutor(max_workers=1, thread_name_prefix="mirnet-plan") as listing:
+                planned = listing.submit(plan_job)
+                wait([planned], timeout=PLAN_ERROR_GRACE_S)
+                if planned.done() and planned.exception() is not None:
+                    raise planned.exception()  # a missing SRC, DST = SRC...: refused without starting Ray
+                try:
+                    while_listing(resolved)
+                finally:
+                    plan = planned.result()  # the plan's error, if any, before the early start's
     except BaseException:
         for lease in leases:
             lease.release()
@@ -351,10 +401,16 @@ def prepare_job(src: str, dst: str, *, model: str | None = None, task: str | Non
 def restore_job(src: str, dst: str, *, executor: str = "auto", cluster: ClusterOptions = ClusterOptions(),
                 fail_fast: bool = False, quiet: bool = False, **options: Any) -> tuple[Plan, JobResult]:
     """Plan and run a job end to end (the Python face of ``mirnet restore``); ``options`` as for prepare_job."""
-    plan, spec, resolved = prepare_job(src, dst, **options)
+    early = EarlyReplicas(cluster) if ray_from_the_start(executor, cluster.address) else None
+    try:
+        plan, spec, resolved = prepare_job(src, dst, while_listing=early, **options)
+    except BaseException:
+        if early is not None:
+            early.close()
+        raise
     try:
         chosen, _ = choose_executor(plan, executor, cluster.address, spec.max_pixels)
         return plan, execute(plan, spec, executor=chosen, cluster=cluster, fail_fast=fail_fast, quiet=quiet,
-                             model=resolved)
+                             model=resolved, pool=early and early.pool)
     finally:
         plan.release()

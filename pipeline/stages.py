@@ -189,14 +189,13 @@ PAYLOAD_ALIGN = 64  # each array starts at a multiple of this in the payload col
 
 
 def pack(rows: list[Row]) -> dict[str, Any]:
-    """Rows to a columnar Ray Data batch.
+    """Rows to a columnar batch, the form in which images cross the Ray graph's stage boundaries.
 
     ``payload``: each row's contiguous arrays and its file bytes (``data``) laid end to end,
-    each aligned, in one uint8 array per row, which Ray carries as an Arrow tensor column
-    without pickling or copying it per stage again (per image and boundary: 1.0 against
-    4.9 ms as one pickled row at 1024², 3.9 against 14.4 ms at 2048²;
-    ``benchmarks/stage_boundary.py``). ``row``: the rest of each row, pickled (small for
-    photos; DICOM and NIfTI images keep their file's bytes in it).
+    each aligned, in one uint8 array per row, which Ray's object store hands to the next
+    stage without pickling it (``benchmarks/stage_boundary.py`` times it against plain and
+    pickled rows). ``row``: the rest of each row, pickled (small for photos; DICOM and NIfTI
+    images keep their file's bytes in it).
     """
     import numpy as np
 

@@ -142,6 +142,63 @@ def test_separate_stages_and_whole_image_replicas_write_the_same_files(tmp_path,
             assert (tmp_path / "out-True" / key).read_bytes() == (tmp_path / "out-False" / key).read_bytes(), key
 
 
+@pytest.mark.slow
+def test_replicas_load_the_model_while_the_inputs_are_listed(tmp_path, ray_runtime, small_model, monkeypatch):
+    """A Ray job starts its replicas before its plan is done: with a listing that takes 8 s,
+    every replica has its model loaded before the listing returns; the job then runs on them
+    and removes them when it ends."""
+    import ray
+
+    from pipeline.graph import ClusterOptions
+    from pipeline.runner import EarlyReplicas, execute, prepare_job
+    from pipeline.storage import Storage as StorageClass
+
+    src = tmp_path / "in"
+    for key, data in photo_files(4).items():
+        (src / key).parent.mkdir(parents=True, exist_ok=True)
+        (src / key).write_bytes(data)
+    listed_at: list[float] = []
+    plain_list = StorageClass.list
+
+    def slow_list(self, *args, **kwargs):
+        time.sleep(8)
+        listed_at.append(time.time())
+        return plain_list(self, *args, **kwargs)
+
+    monkeypatch.setattr(StorageClass, "list", slow_list)
+    early = EarlyReplicas(ClusterOptions(replicas=2, cpus_per_replica=1))
+    plan, spec, resolved = prepare_job(str(src), str(tmp_path / "out"), model=small_model, while_listing=early,
+                                       settings=EngineSettings(tile=64, overlap=8))
+    assert early.pool is not None and early.pool.size == 2
+    replicas = list(early.pool.replicas)
+    loaded_at = ray.get([replica.ready.remote() for replica in replicas])
+    assert listed_at and max(loaded_at) < listed_at[0], (loaded_at, listed_at)
+    result = execute(plan, spec, executor="ray", quiet=True, model=resolved, pool=early.pool)
+    assert (result.ok, result.failed) == (5, 0)
+    assert {r["status"] for r in manifest_rows(str(tmp_path / "out"))} == {"ok"}
+    with pytest.raises(ray.exceptions.RayActorError):  # the job removed its replicas
+        ray.get(replicas[0].ready.remote(), timeout=60)
+
+
+def test_a_plan_refused_at_once_starts_no_replicas(tmp_path, small_model):
+    """A missing SRC or DST = SRC is refused before Ray and the replicas would start; a plan
+    that lists fine runs beside them."""
+    from pipeline.plan import PlanError
+    from pipeline.runner import prepare_job
+
+    started = []
+    src = tmp_path / "in"
+    src.mkdir()
+    (src / "a.png").write_bytes(photo_files(1)["set0/deep/img00.png"])
+    for source, destination in ((tmp_path / "missing", tmp_path / "out"), (src, src)):
+        with pytest.raises(PlanError):
+            prepare_job(str(source), str(destination), model=small_model, while_listing=started.append)
+    assert started == []
+    plan, _, model = prepare_job(str(src), str(tmp_path / "out"), model=small_model, while_listing=started.append)
+    plan.release()
+    assert started == [model] and [item.key for item in plan.runnable] == ["a.png"]
+
+
 def test_dry_run_lists_work_without_writing(tmp_path, small_model):
     src = tmp_path / "in"
     for key, data in photo_files(3).items():
@@ -341,13 +398,13 @@ def test_columnar_batches_round_trip_rows_with_arrays_outside_the_pickled_fields
 
 
 @pytest.mark.slow
-def test_stage_boundary_benchmark_quick_mode_reports_both_formats():
-    """benchmarks/stage_boundary.py in its seconds-long form: both formats timed, rows intact."""
+def test_stage_boundary_benchmark_quick_mode_reports_every_format():
+    """benchmarks/stage_boundary.py in its seconds-long form: every format timed, rows intact."""
     repo = Path(__file__).resolve().parent.parent
     proc = subprocess.run([sys.executable, "-m", "benchmarks.stage_boundary", "--quick"], cwd=repo,
                           capture_output=True, text=True, timeout=300, env=child_env())
     assert proc.returncode == 0, proc.stderr[-2000:]
     report = json.loads(proc.stdout.strip().splitlines()[-1])
     entry = report["sizes"]["64"]
-    assert set(report["fixed_seconds"]) == {"pickled rows", "columnar"}
+    assert set(report["fixed_seconds"]) == {"pickled rows", "plain rows", "columnar"}
     assert all(entry[name]["seconds"] > 0 and entry[name]["ms_per_boundary"] >= 0 for name in report["fixed_seconds"])

@@ -80,3 +80,50 @@ def test_killed_replicas_are_replaced_and_no_image_is_lost_or_doubled(tmp_path, 
         original, restored = codecs.decode(data, key), codecs.decode((out / key).read_bytes(), key)
         assert (restored.width, restored.height, restored.mode) == (original.width, original.height, original.mode)
     assert not list(out.rglob(".mirnet-tmp-*"))
+
+
+def test_an_image_whose_replica_dies_at_every_try_fails_alone(tmp_path, small_model, ray_runtime):
+    """A replica that dies on one image (a crash in native code, say) is restarted and the call
+    retried REPLICA_RETRIES times; then that image gets a failed row naming the cause, and the
+    job's other images are restored by the same, restarted, replica."""
+    import ray
+
+    from pipeline import graph, stages
+    from pipeline.runner import prepare_job
+
+    class DiesOnPoison(graph.RestoreReplica):
+        def restore(self, spec, whole_image, *batches):
+            if any("poison" in row["key"] for batch in batches for row in stages.unpack(batch)):
+                os._exit(1)
+            return super().restore(spec, whole_image, *batches)
+
+    src = tmp_path / "in"
+    for key, data in {**photo_files(3, size=64), "poison.png": photo_files(1, size=64)["set0/deep/img00.png"]}.items():
+        (src / key).parent.mkdir(parents=True, exist_ok=True)
+        (src / key).write_bytes(data)
+    plan, spec, model = prepare_job(str(src), str(tmp_path / "out"), model=small_model)
+    data = [ray.put(model.data)]
+    replica = ray.remote(DiesOnPoison).options(num_cpus=0.5, max_restarts=-1, max_task_retries=graph.REPLICA_RETRIES)
+    starts: list[object] = []
+
+    class OneReplica:  # the pool's face to the graph, holding the doomed replica
+        shape = {"size": 1, "num_gpus": 0, "num_cpus": 0.5, "threads": 1, "device": "cpu", "in_flight": 1,
+                 "images_per_batch": 1}
+        separate, size = False, 1
+        replicas = [replica.remote(model.reference(), data, 1, "cpu")]
+
+        def close(self):
+            starts.append(ray.get(self.replicas[0].ready.remote()))
+            ray.kill(self.replicas[0])
+
+    try:
+        rows = {row["key"]: row for row in graph.run_graph(spec, plan.runnable, graph.ClusterOptions(quiet=True),
+                                                           pool=OneReplica())}
+    finally:
+        plan.release()
+    assert sorted(rows) == sorted(item.key for item in plan.runnable) and len(rows) == 5
+    poisoned = rows.pop("poison.png")
+    assert poisoned["status"] == "failed" and "Actor" in poisoned["error_class"], poisoned
+    assert poisoned["error_message"]
+    assert {row["status"] for row in rows.values()} == {"ok"}
+    assert starts, "the pool was not closed when the job ended"

@@ -7,9 +7,9 @@ add workers, scheduling and object-store copies; a CPU replica instead runs two 
 once, the model under a lock, so one image's read, decode, encode and write overlap the
 other's restoration (``ClusterOptions.separate_stages`` overrides either way).
 
-The replicas are started by :class:`ReplicaPool` as soon as Ray is up, before the job's
-inputs are listed (``pipeline.runner.prepare_job``): loading torch and the model overlaps
-the listing. Images then stream through them: GPU graphs read a bounded window ahead, each
+The replicas are started by :class:`ReplicaPool` as soon as Ray is up. For a job sure to
+run on Ray, that happens while its inputs are listed (``pipeline.runner.prepare_job``), so
+loading torch and the model overlaps the listing. Images then stream through them: GPU graphs read a bounded window ahead, each
 replica holds at most ``in_flight`` calls, and every image travels between stages as one
 columnar batch (:func:`pipeline.stages.pack`) in the object store; the driver only
 receives each image's small manifest row.
@@ -17,6 +17,7 @@ receives each image's small manifest row.
 from __future__ import annotations
 
 import logging
+import itertools
 import os
 import threading
 import time
@@ -175,31 +176,40 @@ class ReplicaPool:
         return len(self.replicas)
 
     def close(self) -> None:
+        """Remove the replicas (idempotent; a replica Ray cannot reach any more is left to it)."""
         import ray
 
-        for replica in self.replicas:
-            ray.kill(replica)
-        self.replicas = []
+        replicas, self.replicas = self.replicas, []
+        for replica in replicas:
+            try:
+                ray.kill(replica)
+            except Exception as exc:
+                log.warning("could not remove a replica: %s", exc)
 
 
-def _failed_rows(items: list[WorkItem], exc: BaseException) -> list[Row]:
-    """The rows of images whose task or replica call failed as a whole, each naming the cause:
-    a replica that died at every try (a crash, the OOM killer), or a worker lost more often
-    than Ray retries its task."""
+def replica_died(exc: BaseException) -> bool:
+    """Whether a call failed because its replica's process died (and was not merely unable to start)."""
     import ray
 
+    died = exc if isinstance(exc, ray.exceptions.RayActorError) else getattr(exc, "cause", None)
+    return isinstance(died, ray.exceptions.RayActorError) and not getattr(died, "actor_init_failed", False)
+
+
+def failed_row(item: WorkItem, exc: BaseException) -> Row:
+    """The row of an image whose replica call or task failed as a whole, naming the cause: a
+    replica that died at every try (a crash, the OOM killer) or could not start, or a worker
+    lost more often than Ray retries its task."""
     cause = getattr(exc, "cause", None)
-    cause = cause if isinstance(cause, BaseException) else exc
-    rows = []
-    for item in items:
-        row = stages.fail({"key": item.key, "output_key": item.output_key}, cause)
-        if isinstance(exc, ray.exceptions.RayActorError):
-            said = (str(exc).strip().splitlines() or [""])[0]
-            row["error_message"] = (f"{item.key}: the model replica died while restoring it, at each of "
-                                    f"{REPLICA_RETRIES + 1} tries (its process crashed or was killed: out of "
-                                    f"memory, or a fault in native code); Ray said: {said}")[:2000]
-        rows.append(row)
-    return rows
+    row = stages.fail({"key": item.key, "output_key": item.output_key},
+                      cause if isinstance(cause, BaseException) else exc)
+    said = (str(exc).strip().splitlines() or [""])[0]
+    if replica_died(exc):
+        row["error_message"] = (f"{item.key}: the model replica died while restoring it, at each of "
+                                f"{REPLICA_RETRIES + 2} tries, the last one alone (its process crashed or was "
+                                f"killed: out of memory, or a fault in native code); Ray said: {said}")[:2000]
+    elif getattr(exc, "actor_init_failed", False):
+        row["error_message"] = f"{item.key}: the model replica could not start: {said}"[:2000]
+    return row
 
 
 def run_graph(spec: JobSpec, items: list[WorkItem], options: ClusterOptions, model: LoadedModel | None = None,
@@ -227,22 +237,54 @@ def run_graph(spec: JobSpec, items: list[WorkItem], options: ClusterOptions, mod
         pool.close()
 
 
+@dataclass
+class SentCall:
+    """A replica call in flight, as the scheduling loop tracks it."""
+
+    images: list[WorkItem]
+    inputs: list[Any]  # packed seeds, or (separate stages) references to decoded images
+    alone: bool  # the call ran alone on its replica (a retry)
+    waiting: int  # its images whose results have not come back
+    retrying: bool = False  # queued to run again alone
+
+
 def _stream(spec: JobSpec, items: list[WorkItem], pool: ReplicaPool) -> Iterator[Row]:
     """The scheduling loop: each batch goes to the least busy replica with room (in separate
     stages, its reads and decodes started a bounded window ahead); finished rows are yielded
-    as they land."""
+    as they land.
+
+    A call whose replica died at every try Ray made is tried once more alone on a replica
+    (a CPU replica runs two calls at once, so an image can die beside another that crashed
+    it); only if that fails too do its images get failed rows.
+    """
     import ray
 
     shape, separate = pool.shape, pool.separate
     light = ray.remote(light_stage).options(num_cpus=LIGHT_TASK_CPUS)
     spec_ref = ray.put(spec)
-    per_batch = shape["images_per_batch"]
+    per_batch, in_flight = shape["images_per_batch"], shape["in_flight"]
     batches = (items[i:i + per_batch] for i in range(0, len(items), per_batch))
-    ahead = pool.size * (shape["in_flight"] + 1)  # batches queued (read and decoded, in separate stages)
+    ahead = pool.size * (in_flight + 1)  # batches queued (read and decoded, in separate stages)
+    unwritten_cap = pool.size * (in_flight + 2) * per_batch  # restored images waiting for their writes
     queued: deque[tuple[list[WorkItem], list[Any]]] = deque()
-    load = [0] * pool.size  # calls each replica holds
-    calls: dict[Any, int] = {}  # a call's first result -> its replica
-    finals: dict[Any, WorkItem] = {}  # an image's last result -> the image
+    alone: deque[tuple[list[WorkItem], list[Any]]] = deque()  # batches to retry alone, once
+    load = [0] * pool.size  # calls each replica holds; a call alone counts as all of them
+    calls: dict[Any, tuple[int, int]] = {}  # a call's first result -> (its replica, the load it counts)
+    finals: dict[Any, tuple[WorkItem, int]] = {}  # an image's last result -> (the image, its call's number)
+    sent: dict[int, SentCall] = {}  # a call's number -> what it carried
+    numbers = itertools.count()
+
+    def dispatch(batch: list[WorkItem], refs: list[Any], index: int, weight: int, solo: bool) -> None:
+        outs = pool.replicas[index].restore.options(num_returns=len(refs)).remote(spec_ref, not separate, *refs)
+        outs = outs if isinstance(outs, list) else [outs]
+        calls[outs[0]] = (index, weight)
+        load[index] += weight
+        if separate:
+            outs = [light.remote("finish", spec_ref, ref) for ref in outs]
+        number = next(numbers)
+        sent[number] = SentCall(batch, refs, solo, len(batch))
+        finals.update((out, (item, number)) for out, item in zip(outs, batch))
+
     try:
         while True:
             while len(queued) < ahead and (batch := next(batches, None)) is not None:
@@ -250,32 +292,37 @@ def _stream(spec: JobSpec, items: list[WorkItem], pool: ReplicaPool) -> Iterator
                 if separate:
                     refs = [light.remote("decode", spec_ref, light.remote("read", spec_ref, seed)) for seed in refs]
                 queued.append((batch, refs))
-            while queued and min(load) < shape["in_flight"]:
-                index = load.index(min(load))
-                batch, refs = queued.popleft()
-                outs = pool.replicas[index].restore.options(num_returns=len(refs)).remote(
-                    spec_ref, not separate, *refs)
-                outs = outs if isinstance(outs, list) else [outs]
-                calls[outs[0]] = index
-                load[index] += 1
-                if separate:
-                    outs = [light.remote("finish", spec_ref, ref) for ref in outs]
-                finals.update(zip(outs, batch))
-            if not finals:
+            while alone and 0 in load:
+                dispatch(*alone.popleft(), index=load.index(0), weight=in_flight, solo=True)
+            while not alone and queued and min(load) < in_flight and len(finals) < unwritten_cap:
+                dispatch(*queued.popleft(), index=load.index(min(load)), weight=1, solo=False)
+            if not finals and not calls:
                 return
-            ready, _ = ray.wait(list(finals.keys() | calls.keys()), num_returns=1, fetch_local=False)
-            for ref in ready:
+            pending = list(finals.keys() | calls.keys())
+            ray.wait(pending, num_returns=1, fetch_local=False)
+            ready, _ = ray.wait(pending, num_returns=len(pending), timeout=0, fetch_local=False)
+            for ref in sorted(ready, key=lambda r: r not in calls):  # free the replicas first
                 if ref in calls:
-                    load[calls.pop(ref)] -= 1
-                item = finals.pop(ref, None)
-                if item is not None:
-                    try:
-                        yield from stages.unpack(ray.get(ref))
-                    except ray.exceptions.RayError as exc:
-                        yield from _failed_rows([item], exc)
-    finally:  # stopped early (--fail-fast) or failed: what has not started is dropped
-        for ref in finals:
+                    index, weight = calls.pop(ref)
+                    load[index] -= weight
+                if ref not in finals:
+                    continue
+                item, number = finals.pop(ref)
+                call = sent[number]
+                call.waiting -= 1
+                try:
+                    yield from stages.unpack(ray.get(ref))
+                except ray.exceptions.RayError as exc:
+                    if not (replica_died(exc) and not call.alone):
+                        yield failed_row(item, exc)
+                    elif not call.retrying:  # its other images fail the same way, and come back with the retry
+                        call.retrying = True
+                        alone.append((call.images, call.inputs))
+                if call.waiting == 0:
+                    del sent[number]  # its inputs (decoded images, in separate stages) can go
+    finally:  # stopped early (--fail-fast) or failed: queued work and unfinished writes are cancelled
+        for ref in [*finals, *(ref for _, refs in queued for ref in refs if isinstance(ref, ray.ObjectRef))]:
             try:
                 ray.cancel(ref)
-            except Exception:  # already finished, or a call its replica runs: closing the pool ends it
+            except Exception:  # already finished, or a replica's call: closing the pool ends those
                 pass

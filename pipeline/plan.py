@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 import posixpath
+import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Callable, Iterable
@@ -45,6 +46,7 @@ class Plan:
     out_format: str | None = None  # None: each input's own format
     run_id: str = field(default_factory=new_run_id)
     lease: DestinationLease | None = None  # held from before the manifest was read until the run ends
+    listed_at: float = field(default_factory=time.perf_counter)  # when planning ended (perf_counter)
 
     def release(self) -> None:
         """Give the destination back to other runs (idempotent)."""

@@ -5,6 +5,7 @@ import os
 import posixpath
 import socket
 import sys
+import threading
 import time
 import itertools
 import json
@@ -23,7 +24,7 @@ from .engine import EngineSettings, Restorer, check_settings
 from .graph import ClusterOptions, ReplicaPool, cpu_replica_threads, run_graph
 from .lease import DestinationLease
 from .manifest import ManifestWriter, empty_row, new_run_id, write_claim, write_run_summary
-from .plan import Plan, WorkItem, make_plan
+from .plan import Plan, PlanError, WorkItem, make_plan
 from .redact import redact
 from .storage import Storage
 from .stages import JobSpec, Row
@@ -108,6 +109,37 @@ def run_inline(spec: JobSpec, items: list[WorkItem], restorer: Restorer,
     finally:
         torch.set_num_threads(saved)
         restorer.on_tiles = None
+
+
+class BackgroundCall:
+    """``fn()`` on a daemon thread, which never holds up the interpreter's exit (Ctrl-C during
+    a long listing ends the command at once)."""
+
+    def __init__(self, fn: Callable[[], Any], name: str) -> None:
+        self._done = threading.Event()
+        self._result: Any = None
+        self._error: BaseException | None = None
+        threading.Thread(target=self._run, args=(fn,), name=name, daemon=True).start()
+
+    def _run(self, fn: Callable[[], Any]) -> None:
+        try:
+            self._result = fn()
+        except BaseException as exc:
+            self._error = exc
+        finally:
+            self._done.set()
+
+    def error(self, timeout: float = 0.0) -> BaseException | None:
+        """The call's exception if it has raised one within ``timeout`` seconds, else None."""
+        self._done.wait(timeout)
+        return self._error
+
+    def result(self) -> Any:
+        """The call's value, once it returns (its exception raised here)."""
+        self._done.wait()
+        if self._error is not None:
+            raise self._error
+        return self._result
 
 
 def redact_row(row: Row) -> Row:
@@ -255,68 +287,69 @@ def execute(plan: Plan, spec: JobSpec, *, executor: str = "ray", cluster: Cluste
     result = JobResult(plan.run_id, skipped=len(plan.skipped))
     runnable = plan.runnable
     progress = Progress(len(plan.todo), quiet, stream)
-    # The run's seconds include loading the model, and starting Ray and the replicas (during the listing).
-    start = min(time.perf_counter(), pool.created_at if pool is not None else float("inf"))
-    local = None
-    if executor == "inline" and runnable:  # before anything is written: a device this machine lacks is refused here
-        progress.phase("loading the model")
-        try:
-            # The threads share one model: it compiles once, for all the images.
-            spec = replace(spec, settings=spec.settings.with_compile_for(
-                len(runnable), pick_device(spec.settings.device).type))
-            local = restorer or Restorer(model or models.resolve(spec.model, spec.task, spec.scale,
-                                                                 spec.source.options), spec.settings)
-        except BaseException:
-            progress.close()
-            if pool is not None:
-                pool.close()
-            raise
-    writer = ManifestWriter(plan.output, result.run_id)
-    # Claim the outputs first: a rerun after a crash recognises them as this destination's own.
-    if runnable:
-        write_claim(plan.output, result.run_id, [item.output_key for item in runnable])
-
-    def rows() -> Iterator[Row]:
-        yield from (refused_row(item) for item in plan.refused)
-        if not runnable:
-            return
-        if local is not None:
-            progress.phase("restoring" + (" (torch.compile on: a minute or more to compile)" if local.runner.compiled else ""))
-            yield from run_inline(spec, runnable, local, on_tiles=progress.tiles)
-        else:
-            yield from run_graph(spec, runnable, cluster, model=model, on_phase=progress.phase, pool=pool)
-
+    # The run's seconds include loading the model, and starting Ray and the replicas, except the
+    # part of that start-up the listing hid.
+    start = time.perf_counter() if pool is None else max(pool.created_at, plan.listed_at)
     try:
-        for row in rows():
-            if plan.lease is not None:
-                plan.lease.check()
-            result.count_series(row)
-            if result.settings is None and row.get("settings"):  # as the replicas decided them
-                result.settings = {name: value for name, value in json.loads(row["settings"]).items()
-                                   if name in EngineSettings.__dataclass_fields__}
-            row = redact_row(row)
-            writer.add(row)
-            progress.update(row)
-            if row["status"] == "ok":
-                result.ok += 1
-                result.megapixels += (row.get("out_width") or 0) * (row.get("out_height") or 0) / 1e6
+        local = None
+        if executor == "inline" and runnable:  # before anything is written: a device this machine lacks is refused here
+            progress.phase("loading the model")
+            try:
+                # The threads share one model: it compiles once, for all the images.
+                spec = replace(spec, settings=spec.settings.with_compile_for(
+                    len(runnable), pick_device(spec.settings.device).type))
+                local = restorer or Restorer(model or models.resolve(spec.model, spec.task, spec.scale,
+                                                                     spec.source.options), spec.settings)
+            except BaseException:
+                progress.close()
+                raise
+        writer = ManifestWriter(plan.output, result.run_id)
+        # Claim the outputs first: a rerun after a crash recognises them as this destination's own.
+        if runnable:
+            write_claim(plan.output, result.run_id, [item.output_key for item in runnable])
+
+        def rows() -> Iterator[Row]:
+            yield from (refused_row(item) for item in plan.refused)
+            if not runnable:
+                return
+            if local is not None:
+                progress.phase("restoring" + (" (torch.compile on: a minute or more to compile)" if local.runner.compiled else ""))
+                yield from run_inline(spec, runnable, local, on_tiles=progress.tiles)
             else:
-                result.failed += 1
-                result.failures.append(row)
-                if fail_fast:
-                    result.stopped_early = True
-                    break
-    finally:
-        progress.close()
-        if pool is not None:  # not run at all (nothing to restore), or already closed by the graph
-            pool.close()
-        result.seconds = time.perf_counter() - start
+                yield from run_graph(spec, runnable, cluster, model=model, on_phase=progress.phase, pool=pool)
+
         try:
-            writer.close()
-            write_run_summary(plan.output, run_summary(result, spec, executor, model))
+            for row in rows():
+                if plan.lease is not None:
+                    plan.lease.check()
+                result.count_series(row)
+                if result.settings is None and row.get("settings"):  # as the replicas decided them
+                    result.settings = {name: value for name, value in json.loads(row["settings"]).items()
+                                       if name in EngineSettings.__dataclass_fields__}
+                row = redact_row(row)
+                writer.add(row)
+                progress.update(row)
+                if row["status"] == "ok":
+                    result.ok += 1
+                    result.megapixels += (row.get("out_width") or 0) * (row.get("out_height") or 0) / 1e6
+                else:
+                    result.failed += 1
+                    result.failures.append(row)
+                    if fail_fast:
+                        result.stopped_early = True
+                        break
         finally:
-            plan.release()
-    return result
+            progress.close()
+            result.seconds = time.perf_counter() - start
+            try:
+                writer.close()
+                write_run_summary(plan.output, run_summary(result, spec, executor, model))
+            finally:
+                plan.release()
+        return result
+    finally:  # the replicas of a run that ended early, or had nothing to restore (closing twice is harmless)
+        if pool is not None:
+            pool.close()
 
 
 def run_summary(result: JobResult, spec: JobSpec, executor: str, model: LoadedModel | None) -> dict[str, Any]:
@@ -362,13 +395,18 @@ def prepare_job(src: str, dst: str, *, model: str | None = None, task: str | Non
     check_settings(resolved, settings)
     run_id = new_run_id()
     leases: list[DestinationLease] = []
+    stopped = threading.Event()  # set when prepare_job gives up: the listing thread takes no lease after it
+    leases_lock = threading.Lock()
 
     def hold(output: Storage) -> None:
         output.check_writable(dry_run=dry_run)
         if not dry_run:
             lease = DestinationLease(output, run_id)
-            lease.acquire()
-            leases.append(lease)
+            with leases_lock:
+                if stopped.is_set():
+                    raise PlanError("the run stopped while its inputs were being listed")
+                lease.acquire()
+                leases.append(lease)
 
     def plan_job() -> Plan:
         return make_plan(src, dst, storage_options=storage_options, include=include, exclude=exclude,
@@ -379,18 +417,23 @@ def prepare_job(src: str, dst: str, *, model: str | None = None, task: str | Non
         if while_listing is None:
             plan = plan_job()
         else:
-            with ThreadPoolExecutor(max_workers=1, thread_name_prefix="mirnet-plan") as listing:
-                planned = listing.submit(plan_job)
-                wait([planned], timeout=PLAN_ERROR_GRACE_S)
-                if planned.done() and planned.exception() is not None:
-                    raise planned.exception()  # a missing SRC, DST = SRC...: refused without starting Ray
-                try:
-                    while_listing(resolved)
-                finally:
-                    plan = planned.result()  # the plan's error, if any, before the early start's
-    except BaseException:
-        for lease in leases:
-            lease.release()
+            listing = BackgroundCall(plan_job, "mirnet-plan")
+            error = listing.error(timeout=PLAN_ERROR_GRACE_S)
+            if error is not None:
+                raise error  # a missing SRC, DST = SRC...: refused without starting Ray
+            try:
+                while_listing(resolved)
+            except Exception:
+                error = listing.error()
+                if error is not None:  # the plan's own error, if it has one by now, comes first
+                    raise error from None
+                raise
+            plan = listing.result()
+    except BaseException:  # Ctrl-C included: the listing thread is left to end by itself
+        with leases_lock:
+            stopped.set()
+            for lease in leases:
+                lease.release()
         raise
     plan.run_id, plan.lease = run_id, (leases[0] if leases else None)
     spec = JobSpec(plan.source, plan.output, model or resolved.name, task or resolved.task, scale, settings,
@@ -401,7 +444,8 @@ def prepare_job(src: str, dst: str, *, model: str | None = None, task: str | Non
 def restore_job(src: str, dst: str, *, executor: str = "auto", cluster: ClusterOptions = ClusterOptions(),
                 fail_fast: bool = False, quiet: bool = False, **options: Any) -> tuple[Plan, JobResult]:
     """Plan and run a job end to end (the Python face of ``mirnet restore``); ``options`` as for prepare_job."""
-    early = EarlyReplicas(cluster) if ray_from_the_start(executor, cluster.address) else None
+    early = (EarlyReplicas(cluster) if ray_from_the_start(executor, cluster.address) and not options.get("dry_run")
+             else None)
     try:
         plan, spec, resolved = prepare_job(src, dst, while_listing=early, **options)
     except BaseException:

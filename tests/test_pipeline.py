@@ -180,11 +180,14 @@ def test_replicas_load_the_model_while_the_inputs_are_listed(tmp_path, ray_runti
         ray.get(replicas[0].ready.remote(), timeout=60)
 
 
-def test_a_plan_refused_at_once_starts_no_replicas(tmp_path, small_model):
+def test_a_plan_refused_at_once_starts_no_replicas(tmp_path, small_model, monkeypatch):
     """A missing SRC or DST = SRC is refused before Ray and the replicas would start; a plan
     that lists fine runs beside them."""
+    from pipeline import runner
     from pipeline.plan import PlanError
     from pipeline.runner import prepare_job
+
+    monkeypatch.setattr(runner, "PLAN_ERROR_GRACE_S", 60.0)  # a loaded machine still refuses first
 
     started = []
     src = tmp_path / "in"
@@ -197,6 +200,39 @@ def test_a_plan_refused_at_once_starts_no_replicas(tmp_path, small_model):
     plan, _, model = prepare_job(str(src), str(tmp_path / "out"), model=small_model, while_listing=started.append)
     plan.release()
     assert started == [model] and [item.key for item in plan.runnable] == ["a.png"]
+
+
+def test_a_failed_early_start_ends_the_job_at_once_and_leaves_no_lease(tmp_path, small_model, monkeypatch):
+    """If starting Ray fails while a slow listing runs, the error comes at once, not after the
+    listing; the listing thread, when it ends, takes no lease on the destination."""
+    import threading
+
+    from pipeline.runner import prepare_job
+    from pipeline.storage import Storage as StorageClass
+
+    src, dst = tmp_path / "in", tmp_path / "out"
+    src.mkdir()
+    (src / "a.png").write_bytes(photo_files(1)["set0/deep/img00.png"])
+    listing_done = threading.Event()
+    plain_list = StorageClass.list
+
+    def slow_list(self, *args, **kwargs):
+        time.sleep(3)
+        listing_done.set()
+        return plain_list(self, *args, **kwargs)
+
+    def unreachable(model):
+        raise ConnectionError("no Ray cluster at 10.0.0.1:6379")
+
+    monkeypatch.setattr(StorageClass, "list", slow_list)
+    with pytest.raises(ConnectionError, match="no Ray cluster"):
+        prepare_job(str(src), str(dst), model=small_model, while_listing=unreachable)
+    assert not listing_done.is_set(), "the error waited for the listing"
+    for thread in [t for t in threading.enumerate() if t.name == "mirnet-plan"]:
+        thread.join(timeout=60)
+    assert listing_done.is_set()
+    lease = dst / "_manifest" / "lease.json"
+    assert not lease.exists() or json.loads(lease.read_text()).get("released"), "a lease was left held"
 
 
 def test_dry_run_lists_work_without_writing(tmp_path, small_model):

@@ -19,6 +19,7 @@ from __future__ import annotations
 import logging
 import itertools
 import os
+import re
 import threading
 import time
 from collections import deque
@@ -38,6 +39,7 @@ if TYPE_CHECKING:  # torch loads in the replicas only: read, decode and write wo
 
 log = logging.getLogger(__name__)
 REPLICA_RETRIES = 3  # a call whose replica died is retried on its restarted replica this often
+ANSI_CODE = re.compile(r"\x1b\[[0-9;]*m")  # colours in Ray's error texts
 LIGHT_TASK_CPUS = 0.25  # read / decode / encode tasks: they overlap the replicas' compute
 CPU_REPLICA_SHARE = 0.75  # a CPU replica reserves this share of its cores' scheduling slots
 
@@ -167,8 +169,14 @@ class ReplicaPool:
                 num_gpus=self.shape["num_gpus"], num_cpus=self.shape["num_cpus"],
                 max_concurrency=1 if self.separate else self.shape["in_flight"],
                 max_restarts=-1, max_task_retries=REPLICA_RETRIES)
-            self.replicas = [replica.remote(model.reference(), self.data, self.shape["threads"],
-                                            self.shape["device"]) for _ in range(self.shape["size"])]
+            self.replicas: list[Any] = []
+            try:
+                for _ in range(self.shape["size"]):
+                    self.replicas.append(replica.remote(model.reference(), self.data, self.shape["threads"],
+                                                        self.shape["device"]))
+            except BaseException:
+                self.close()
+                raise
         log.info("started %d replica(s): %s", len(self.replicas), self.shape)
 
     @property
@@ -187,12 +195,20 @@ class ReplicaPool:
                 log.warning("could not remove a replica: %s", exc)
 
 
-def replica_died(exc: BaseException) -> bool:
-    """Whether a call failed because its replica's process died (and was not merely unable to start)."""
+def replica_error(exc: BaseException) -> Any:
+    """The replica's own error behind a failed call or task (Ray's RayActorError), if that is what failed it."""
     import ray
 
-    died = exc if isinstance(exc, ray.exceptions.RayActorError) else getattr(exc, "cause", None)
-    return isinstance(died, ray.exceptions.RayActorError) and not getattr(died, "actor_init_failed", False)
+    for error in (exc, getattr(exc, "cause", None)):
+        if isinstance(error, ray.exceptions.RayActorError):
+            return error
+    return None
+
+
+def replica_died(exc: BaseException) -> bool:
+    """Whether a call failed because its replica's process died (and was not merely unable to start)."""
+    error = replica_error(exc)
+    return error is not None and not error.actor_init_failed
 
 
 def failed_row(item: WorkItem, exc: BaseException) -> Row:
@@ -202,13 +218,15 @@ def failed_row(item: WorkItem, exc: BaseException) -> Row:
     cause = getattr(exc, "cause", None)
     row = stages.fail({"key": item.key, "output_key": item.output_key},
                       cause if isinstance(cause, BaseException) else exc)
-    said = (str(exc).strip().splitlines() or [""])[0]
+    lines = [line.strip() for line in ANSI_CODE.sub("", str(exc)).splitlines() if line.strip()] or [""]
     if replica_died(exc):
         row["error_message"] = (f"{item.key}: the model replica died while restoring it, at each of "
                                 f"{REPLICA_RETRIES + 2} tries, the last one alone (its process crashed or was "
-                                f"killed: out of memory, or a fault in native code); Ray said: {said}")[:2000]
-    elif getattr(exc, "actor_init_failed", False):
-        row["error_message"] = f"{item.key}: the model replica could not start: {said}"[:2000]
+                                f"killed: out of memory, or a fault in native code); Ray said: {lines[0]}")[:2000]
+    elif replica_error(exc) is not None:  # Ray's message ends with the constructor's error: "module.Class: text"
+        name, _, text = lines[-1].partition(": ")
+        row["error_class"] = name.rsplit(".", 1)[-1] if text and " " not in name else row["error_class"]
+        row["error_message"] = f"{item.key}: the model replica could not start: {lines[-1]}"[:2000]
     return row
 
 
@@ -243,9 +261,9 @@ class SentCall:
 
     images: list[WorkItem]
     inputs: list[Any]  # packed seeds, or (separate stages) references to decoded images
+    replica: int
     alone: bool  # the call ran alone on its replica (a retry)
     waiting: int  # its images whose results have not come back
-    retrying: bool = False  # queued to run again alone
 
 
 def _stream(spec: JobSpec, items: list[WorkItem], pool: ReplicaPool) -> Iterator[Row]:
@@ -253,9 +271,11 @@ def _stream(spec: JobSpec, items: list[WorkItem], pool: ReplicaPool) -> Iterator
     stages, its reads and decodes started a bounded window ahead); finished rows are yielded
     as they land.
 
-    A call whose replica died at every try Ray made is tried once more alone on a replica
-    (a CPU replica runs two calls at once, so an image can die beside another that crashed
-    it); only if that fails too do its images get failed rows.
+    An image whose replica died at every try Ray made is tried once more alone on an idle
+    replica (a CPU replica runs two calls at once, and a GPU call holds several images, so
+    an image can die beside another that crashed the process); only if that fails too does
+    it get a failed row. A replica that cannot start is taken out of the rotation, its images
+    sent to the others; if it is the last one, they fail with its error.
     """
     import ray
 
@@ -267,23 +287,28 @@ def _stream(spec: JobSpec, items: list[WorkItem], pool: ReplicaPool) -> Iterator
     ahead = pool.size * (in_flight + 1)  # batches queued (read and decoded, in separate stages)
     unwritten_cap = pool.size * (in_flight + 2) * per_batch  # restored images waiting for their writes
     queued: deque[tuple[list[WorkItem], list[Any]]] = deque()
-    alone: deque[tuple[list[WorkItem], list[Any]]] = deque()  # batches to retry alone, once
+    alone: deque[tuple[list[WorkItem], list[Any]]] = deque()  # images to retry alone, once
     load = [0] * pool.size  # calls each replica holds; a call alone counts as all of them
+    live = list(range(pool.size))  # replicas in the rotation (not those that could not start)
     calls: dict[Any, tuple[int, int]] = {}  # a call's first result -> (its replica, the load it counts)
-    finals: dict[Any, tuple[WorkItem, int]] = {}  # an image's last result -> (the image, its call's number)
+    finals: dict[Any, tuple[int, int]] = {}  # an image's last result -> (its call's number, its place in it)
     sent: dict[int, SentCall] = {}  # a call's number -> what it carried
     numbers = itertools.count()
 
-    def dispatch(batch: list[WorkItem], refs: list[Any], index: int, weight: int, solo: bool) -> None:
-        outs = pool.replicas[index].restore.options(num_returns=len(refs)).remote(spec_ref, not separate, *refs)
+    def dispatch(batch: list[WorkItem], refs: list[Any], index: int, solo: bool) -> None:
+        options: dict[str, Any] = {"num_returns": len(refs)}
+        if solo:  # the retry alone is the last try: Ray does not repeat it
+            options["max_task_retries"] = 0
+        outs = pool.replicas[index].restore.options(**options).remote(spec_ref, not separate, *refs)
         outs = outs if isinstance(outs, list) else [outs]
+        weight = in_flight if solo else 1
         calls[outs[0]] = (index, weight)
         load[index] += weight
         if separate:
             outs = [light.remote("finish", spec_ref, ref) for ref in outs]
         number = next(numbers)
-        sent[number] = SentCall(batch, refs, solo, len(batch))
-        finals.update((out, (item, number)) for out, item in zip(outs, batch))
+        sent[number] = SentCall(batch, refs, index, solo, len(batch))
+        finals.update((out, (number, place)) for place, out in enumerate(outs))
 
     try:
         while True:
@@ -292,10 +317,13 @@ def _stream(spec: JobSpec, items: list[WorkItem], pool: ReplicaPool) -> Iterator
                 if separate:
                     refs = [light.remote("decode", spec_ref, light.remote("read", spec_ref, seed)) for seed in refs]
                 queued.append((batch, refs))
-            while alone and 0 in load:
-                dispatch(*alone.popleft(), index=load.index(0), weight=in_flight, solo=True)
-            while not alone and queued and min(load) < in_flight and len(finals) < unwritten_cap:
-                dispatch(*queued.popleft(), index=load.index(min(load)), weight=1, solo=False)
+            while alone and (idle := [i for i in live if load[i] == 0]):
+                dispatch(*alone.popleft(), index=idle[0], solo=True)
+            while not alone and queued and len(finals) < unwritten_cap:
+                room = [i for i in live if load[i] < in_flight]
+                if not room:
+                    break
+                dispatch(*queued.popleft(), index=min(room, key=load.__getitem__), solo=False)
             if not finals and not calls:
                 return
             pending = list(finals.keys() | calls.keys())
@@ -307,19 +335,24 @@ def _stream(spec: JobSpec, items: list[WorkItem], pool: ReplicaPool) -> Iterator
                     load[index] -= weight
                 if ref not in finals:
                     continue
-                item, number = finals.pop(ref)
+                number, place = finals.pop(ref)
                 call = sent[number]
                 call.waiting -= 1
+                if call.waiting == 0:
+                    del sent[number]  # its inputs (decoded images, in separate stages) can go
+                item, image = call.images[place], call.inputs[place]
                 try:
                     yield from stages.unpack(ray.get(ref))
                 except ray.exceptions.RayError as exc:
-                    if not (replica_died(exc) and not call.alone):
+                    if replica_died(exc) and not call.alone:
+                        alone.append(([item], [image]))
+                    elif (replica_error(exc) is not None and not replica_died(exc)
+                          and any(i != call.replica for i in live)):
+                        if call.replica in live:  # it could not start: the others take its images
+                            live.remove(call.replica)
+                        queued.appendleft(([item], [image]))
+                    else:
                         yield failed_row(item, exc)
-                    elif not call.retrying:  # its other images fail the same way, and come back with the retry
-                        call.retrying = True
-                        alone.append((call.images, call.inputs))
-                if call.waiting == 0:
-                    del sent[number]  # its inputs (decoded images, in separate stages) can go
     finally:  # stopped early (--fail-fast) or failed: queued work and unfinished writes are cancelled
         for ref in [*finals, *(ref for _, refs in queued for ref in refs if isinstance(ref, ray.ObjectRef))]:
             try:

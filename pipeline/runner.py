@@ -347,7 +347,9 @@ def execute(plan: Plan, spec: JobSpec, *, executor: str = "ray", cluster: Cluste
             finally:
                 plan.release()
         return result
-    finally:  # the replicas of a run that ended early, or had nothing to restore (closing twice is harmless)
+    finally:  # whatever failed: the lease goes back, and the replicas of a run that ended early or had
+        # nothing to restore are removed (both are harmless twice)
+        plan.release()
         if pool is not None:
             pool.close()
 
@@ -399,6 +401,8 @@ def prepare_job(src: str, dst: str, *, model: str | None = None, task: str | Non
     leases_lock = threading.Lock()
 
     def hold(output: Storage) -> None:
+        if stopped.is_set():  # nothing is written for a run that has already given up
+            raise PlanError("the run stopped while its inputs were being listed")
         output.check_writable(dry_run=dry_run)
         if not dry_run:
             lease = DestinationLease(output, run_id)
@@ -407,6 +411,8 @@ def prepare_job(src: str, dst: str, *, model: str | None = None, task: str | Non
                     raise PlanError("the run stopped while its inputs were being listed")
                 lease.acquire()
                 leases.append(lease)
+                if stopped.is_set():  # given up while the lease was being taken (a second Ctrl-C)
+                    lease.release()
 
     def plan_job() -> Plan:
         return make_plan(src, dst, storage_options=storage_options, include=include, exclude=exclude,
@@ -430,8 +436,8 @@ def prepare_job(src: str, dst: str, *, model: str | None = None, task: str | Non
                 raise
             plan = listing.result()
     except BaseException:  # Ctrl-C included: the listing thread is left to end by itself
+        stopped.set()  # first: a lease the listing thread is taking now, it gives back itself
         with leases_lock:
-            stopped.set()
             for lease in leases:
                 lease.release()
         raise
@@ -458,3 +464,5 @@ def restore_job(src: str, dst: str, *, executor: str = "auto", cluster: ClusterO
                              model=resolved, pool=early and early.pool)
     finally:
         plan.release()
+        if early is not None:
+            early.close()

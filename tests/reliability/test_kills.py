@@ -129,3 +129,49 @@ def test_an_image_whose_replica_dies_at_every_try_fails_alone(tmp_path, small_mo
     assert "poison.png: the model replica died while restoring it" in poisoned["error_message"]
     assert {row["status"] for row in rows.values()} == {"ok"}
     assert starts, "the pool was not closed when the job ended"
+
+
+def test_a_replica_that_cannot_start_leaves_its_images_to_the_others(tmp_path, small_model, ray_runtime):
+    """A replica whose model does not load (here: corrupted checkpoint bytes) is taken out
+    of the rotation and its images go to the replica that started; when no replica starts,
+    every image fails with a row saying the replica could not start, and why."""
+    import ray
+
+    from pipeline import graph
+    from pipeline.runner import prepare_job
+
+    src = tmp_path / "in"
+    for key, data in photo_files(3, size=64).items():
+        (src / key).parent.mkdir(parents=True, exist_ok=True)
+        (src / key).write_bytes(data)
+    replica = ray.remote(graph.RestoreReplica).options(num_cpus=0.25, max_restarts=-1,
+                                                       max_task_retries=graph.REPLICA_RETRIES, max_concurrency=2)
+
+    class Pool:  # the pool's face to the graph
+        shape = {"size": 0, "num_gpus": 0, "num_cpus": 0.25, "threads": 1, "device": "cpu", "in_flight": 2,
+                 "images_per_batch": 1}
+        separate = False
+
+        def __init__(self, replicas):
+            self.replicas = replicas
+            self.size = len(replicas)
+
+        def close(self):
+            for actor in self.replicas:
+                ray.kill(actor)
+
+    outcomes = []
+    for good in (True, False):
+        plan, spec, model = prepare_job(str(src), str(tmp_path / f"out-{good}"), model=small_model)
+        broken = replica.remote(model.reference(), [ray.put(model.data[:-1] + b"x")], 1, "cpu")
+        replicas = [broken] + ([replica.remote(model.reference(), [ray.put(model.data)], 1, "cpu")] if good else [])
+        try:
+            rows = list(graph.run_graph(spec, plan.runnable, graph.ClusterOptions(quiet=True), pool=Pool(replicas)))
+        finally:
+            plan.release()
+        assert sorted(r["key"] for r in rows) == sorted(item.key for item in plan.runnable)
+        outcomes.append(rows)
+    assert {r["status"] for r in outcomes[0]} == {"ok"}
+    assert {r["status"] for r in outcomes[1]} == {"failed"}
+    assert all(r["error_class"] == "CheckpointError" and "the model replica could not start" in r["error_message"]
+               and "v2-small.safetensors" in r["error_message"] for r in outcomes[1]), outcomes[1][0]

@@ -195,14 +195,14 @@ def restore(src: str, dst: str, task: str | None, model: str | None, scale: str 
     formats = _format_options(bands, scale_range, stac, slice_axis)
     from .engine import EngineSettings
     from .graph import ClusterOptions
-    from .runner import EarlyReplicas, prepare_job, ray_from_the_start
+    from .runner import EarlyReplicas, prepare_job
 
     settings = EngineSettings(tile=tile, overlap=overlap, batch_size=batch_size, precision=precision,  # type: ignore[arg-type]
                               device=device, scale=scale_n, compile=compile_model, tta=tta)
     cluster = ClusterOptions(address=address, num_gpus=num_gpus, replicas=replicas, cpus_per_replica=cpus_per_replica,
                              images_per_batch=images_per_batch, num_cpus=num_cpus,
                              runtime_env=_json_option(runtime_env, "--runtime-env") or None, quiet=quiet)
-    early = EarlyReplicas(cluster) if not dry_run and ray_from_the_start(executor, address) else None
+    early = EarlyReplicas.for_job(executor, cluster, dry_run)
     say(f"listing {src} ..." if early is None else f"listing {src}, starting Ray and the replicas meanwhile ...")
     try:
         plan, spec, resolved = prepare_job(src, dst, model=model, task=task, scale=scale_n, settings=settings,
@@ -210,16 +210,16 @@ def restore(src: str, dst: str, task: str | None, model: str | None, scale: str 
                                            exclude=exclude, keys_from=keys_from, overwrite=overwrite,
                                            allow_empty=allow_empty, max_pixels=max_pixels, dry_run=dry_run,
                                            while_listing=early)
-    except BaseException:
+        spec = dataclasses.replace(spec, formats=formats)
+        try:
+            _run_planned(plan, spec, resolved, executor=executor, address=address, dry_run=dry_run,
+                         fail_fast=fail_fast, quiet=quiet, say=say, make_report=make_report, cluster=cluster,
+                         pool=early and early.pool)
+        finally:
+            plan.release()
+    finally:  # the replicas of a run that failed before or while it ran (closing twice is harmless)
         if early is not None:
             early.close()
-        raise
-    spec = dataclasses.replace(spec, formats=formats)
-    try:
-        _run_planned(plan, spec, resolved, executor=executor, address=address, dry_run=dry_run, fail_fast=fail_fast,
-                     quiet=quiet, say=say, make_report=make_report, cluster=cluster, pool=early and early.pool)
-    finally:
-        plan.release()
 
 
 def _format_options(bands: str | None, scale_range: str | None, stac: bool, slice_axis: int) -> FormatOptions:

@@ -9,15 +9,14 @@ other's restoration (``ClusterOptions.separate_stages`` overrides either way).
 
 The replicas are started by :class:`ReplicaPool` as soon as Ray is up. For a job sure to
 run on Ray, that happens while its inputs are listed (``pipeline.runner.prepare_job``), so
-loading torch and the model overlaps the listing. Images then stream through them: GPU graphs read a bounded window ahead, each
-replica holds at most ``in_flight`` calls, and every image travels between stages as one
-columnar batch (:func:`pipeline.stages.pack`) in the object store; the driver only
-receives each image's small manifest row.
+loading torch and the model overlaps the listing. Images then stream through them: GPU
+graphs read a bounded window ahead, each replica holds at most ``in_flight`` calls, and
+every image travels between stages as one columnar batch (:func:`pipeline.stages.pack`) in
+the object store; the driver only receives each image's small manifest row.
 """
 from __future__ import annotations
 
 import logging
-import itertools
 import os
 import re
 import threading
@@ -205,12 +204,6 @@ def replica_error(exc: BaseException) -> Any:
     return None
 
 
-def replica_died(exc: BaseException) -> bool:
-    """Whether a call failed because its replica's process died (and was not merely unable to start)."""
-    error = replica_error(exc)
-    return error is not None and not error.actor_init_failed
-
-
 def failed_row(item: WorkItem, exc: BaseException) -> Row:
     """The row of an image whose replica call or task failed as a whole, naming the cause: a
     replica that died at every try (a crash, the OOM killer) or could not start, or a worker
@@ -219,11 +212,12 @@ def failed_row(item: WorkItem, exc: BaseException) -> Row:
     row = stages.fail({"key": item.key, "output_key": item.output_key},
                       cause if isinstance(cause, BaseException) else exc)
     lines = [line.strip() for line in ANSI_CODE.sub("", str(exc)).splitlines() if line.strip()] or [""]
-    if replica_died(exc):
+    error = replica_error(exc)
+    if error is not None and not error.actor_init_failed:  # its process died
         row["error_message"] = (f"{item.key}: the model replica died while restoring it, at each of "
                                 f"{REPLICA_RETRIES + 2} tries, the last one alone (its process crashed or was "
                                 f"killed: out of memory, or a fault in native code); Ray said: {lines[0]}")[:2000]
-    elif replica_error(exc) is not None:  # Ray's message ends with the constructor's error: "module.Class: text"
+    elif error is not None:  # it could not start; Ray's message ends with the constructor's error: "module.Class: text"
         name, _, text = lines[-1].partition(": ")
         row["error_class"] = name.rsplit(".", 1)[-1] if text and " " not in name else row["error_class"]
         row["error_message"] = f"{item.key}: the model replica could not start: {lines[-1]}"[:2000]
@@ -257,13 +251,14 @@ def run_graph(spec: JobSpec, items: list[WorkItem], options: ClusterOptions, mod
 
 @dataclass
 class SentCall:
-    """A replica call in flight, as the scheduling loop tracks it."""
+    """A replica call in flight, as the scheduling loop tracks it (its inputs live as long as
+    one of its results is awaited)."""
 
     images: list[WorkItem]
     inputs: list[Any]  # packed seeds, or (separate stages) references to decoded images
     replica: int
-    alone: bool  # the call ran alone on its replica (a retry)
-    waiting: int  # its images whose results have not come back
+    alone: bool  # a retry alone: it fills its replica's slots, and is not retried again
+    load: int  # the replica slots it takes
 
 
 def _stream(spec: JobSpec, items: list[WorkItem], pool: ReplicaPool) -> Iterator[Row]:
@@ -288,12 +283,10 @@ def _stream(spec: JobSpec, items: list[WorkItem], pool: ReplicaPool) -> Iterator
     unwritten_cap = pool.size * (in_flight + 2) * per_batch  # restored images waiting for their writes
     queued: deque[tuple[list[WorkItem], list[Any]]] = deque()
     alone: deque[tuple[list[WorkItem], list[Any]]] = deque()  # images to retry alone, once
-    load = [0] * pool.size  # calls each replica holds; a call alone counts as all of them
+    load = [0] * pool.size  # replica slots each replica's calls take
     live = list(range(pool.size))  # replicas in the rotation (not those that could not start)
-    calls: dict[Any, tuple[int, int]] = {}  # a call's first result -> (its replica, the load it counts)
-    finals: dict[Any, tuple[int, int]] = {}  # an image's last result -> (its call's number, its place in it)
-    sent: dict[int, SentCall] = {}  # a call's number -> what it carried
-    numbers = itertools.count()
+    calls: dict[Any, SentCall] = {}  # a call's first result -> the call (its replica is busy until then)
+    finals: dict[Any, tuple[SentCall, int]] = {}  # an image's last result -> (its call, its place in it)
 
     def dispatch(batch: list[WorkItem], refs: list[Any], index: int, solo: bool) -> None:
         options: dict[str, Any] = {"num_returns": len(refs)}
@@ -301,14 +294,12 @@ def _stream(spec: JobSpec, items: list[WorkItem], pool: ReplicaPool) -> Iterator
             options["max_task_retries"] = 0
         outs = pool.replicas[index].restore.options(**options).remote(spec_ref, not separate, *refs)
         outs = outs if isinstance(outs, list) else [outs]
-        weight = in_flight if solo else 1
-        calls[outs[0]] = (index, weight)
-        load[index] += weight
+        call = SentCall(batch, refs, index, solo, in_flight if solo else 1)
+        calls[outs[0]] = call
+        load[index] += call.load
         if separate:
             outs = [light.remote("finish", spec_ref, ref) for ref in outs]
-        number = next(numbers)
-        sent[number] = SentCall(batch, refs, index, solo, len(batch))
-        finals.update((out, (number, place)) for place, out in enumerate(outs))
+        finals.update((out, (call, place)) for place, out in enumerate(outs))
 
     try:
         while True:
@@ -331,23 +322,19 @@ def _stream(spec: JobSpec, items: list[WorkItem], pool: ReplicaPool) -> Iterator
             ready, _ = ray.wait(pending, num_returns=len(pending), timeout=0, fetch_local=False)
             for ref in sorted(ready, key=lambda r: r not in calls):  # free the replicas first
                 if ref in calls:
-                    index, weight = calls.pop(ref)
-                    load[index] -= weight
+                    done = calls.pop(ref)
+                    load[done.replica] -= done.load
                 if ref not in finals:
                     continue
-                number, place = finals.pop(ref)
-                call = sent[number]
-                call.waiting -= 1
-                if call.waiting == 0:
-                    del sent[number]  # its inputs (decoded images, in separate stages) can go
+                call, place = finals.pop(ref)
                 item, image = call.images[place], call.inputs[place]
                 try:
                     yield from stages.unpack(ray.get(ref))
                 except ray.exceptions.RayError as exc:
-                    if replica_died(exc) and not call.alone:
+                    error = replica_error(exc)
+                    if error is not None and not error.actor_init_failed and not call.alone:
                         alone.append(([item], [image]))
-                    elif (replica_error(exc) is not None and not replica_died(exc)
-                          and any(i != call.replica for i in live)):
+                    elif error is not None and error.actor_init_failed and any(i != call.replica for i in live):
                         if call.replica in live:  # it could not start: the others take its images
                             live.remove(call.replica)
                         queued.appendleft(([item], [image]))

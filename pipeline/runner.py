@@ -203,6 +203,11 @@ class EarlyReplicas:
         self.cluster = cluster
         self.pool: ReplicaPool | None = None
 
+    @classmethod
+    def for_job(cls, executor: str, cluster: ClusterOptions, dry_run: bool = False) -> "EarlyReplicas | None":
+        """An early start for a real run sure to be on Ray (:func:`ray_from_the_start`), else None."""
+        return cls(cluster) if not dry_run and ray_from_the_start(executor, cluster.address) else None
+
     def __call__(self, model: LoadedModel) -> None:
         self.pool = ReplicaPool(model, self.cluster)
 
@@ -450,19 +455,15 @@ def prepare_job(src: str, dst: str, *, model: str | None = None, task: str | Non
 def restore_job(src: str, dst: str, *, executor: str = "auto", cluster: ClusterOptions = ClusterOptions(),
                 fail_fast: bool = False, quiet: bool = False, **options: Any) -> tuple[Plan, JobResult]:
     """Plan and run a job end to end (the Python face of ``mirnet restore``); ``options`` as for prepare_job."""
-    early = (EarlyReplicas(cluster) if ray_from_the_start(executor, cluster.address) and not options.get("dry_run")
-             else None)
+    early = EarlyReplicas.for_job(executor, cluster, options.get("dry_run", False))
     try:
         plan, spec, resolved = prepare_job(src, dst, while_listing=early, **options)
-    except BaseException:
-        if early is not None:
-            early.close()
-        raise
-    try:
-        chosen, _ = choose_executor(plan, executor, cluster.address, spec.max_pixels)
-        return plan, execute(plan, spec, executor=chosen, cluster=cluster, fail_fast=fail_fast, quiet=quiet,
-                             model=resolved, pool=early and early.pool)
-    finally:
-        plan.release()
+        try:
+            chosen, _ = choose_executor(plan, executor, cluster.address, spec.max_pixels)
+            return plan, execute(plan, spec, executor=chosen, cluster=cluster, fail_fast=fail_fast, quiet=quiet,
+                                 model=resolved, pool=early and early.pool)
+        finally:
+            plan.release()
+    finally:  # the replicas of a run that failed before or while it ran (closing twice is harmless)
         if early is not None:
             early.close()

@@ -8,7 +8,9 @@ Sections (each skipped, and said so, once the time budget is spent):
    MIRNet-v2 at 256² (plus 512² and 1024²), against fp32 (TF32) batch 1 eager, the official
    test scripts' way.
 3. engine: a large image through tiling and blending at the fast settings, against model-only.
-4. pipeline: PNG files in, files out, through the Ray graph, against the plain loop and
+4. codecs: decode and encode megapixels/s per CPU core of the node (benchmarks/codec_speed.py),
+   and the cores each GPU replica's read/decode/write tasks need at the fastest model rate.
+5. pipeline: PNG files in, files out, through the Ray graph, against the plain loop and
    against model-only.
 
     python -m benchmarks.gpu_session --json benchmarks/results/gpu_session.json [--budget 450]
@@ -29,6 +31,7 @@ from typing import Any, Callable, Iterator
 import numpy as np
 import torch
 
+from benchmarks import codec_speed
 from benchmarks.model_speed import noisy_photos, psnr
 from benchmarks.pipeline_throughput import make_inputs
 from benchmarks.report import emit
@@ -228,6 +231,16 @@ def pipeline_section(args: argparse.Namespace, report: dict[str, Any]) -> None:
                           "pipeline_over_loop": round(results["inline"] / results["ray"], 3)}
 
 
+def codecs_section(args: argparse.Namespace, report: dict[str, Any]) -> None:
+    """The node's CPU codecs (one core each) against the fastest model-only rate measured above:
+    the cores one GPU replica's decode and encode tasks need, so whether GPU decoding would pay."""
+    model_mp = max((r["megapixels_per_s"] for r in report["model_only"]), default=codec_speed.GPU_GOAL_MP_PER_S)
+    rows = codec_speed.add_cores_per_replica(
+        codec_speed.measure(codec_speed.QUICK_SIZES if args.quick else codec_speed.SIZES, 0.05 if args.quick else 0.5),
+        model_mp)
+    report["codecs"] = {"model_mp_per_s": model_mp, "cpu_cores": os.cpu_count(), "rows": rows}
+
+
 def main() -> dict[str, Any]:
     parser = argparse.ArgumentParser()
     parser.add_argument("--model", default="mirnet-v2-denoise-m", help="card for the checks and the pipeline")
@@ -249,6 +262,7 @@ def main() -> dict[str, Any]:
     for name, section in (("checks", lambda: checks(args, device, report)),
                           ("model_only", lambda: model_only(args, device, budget, report)),
                           ("engine", lambda: engine_section(args, device, report)),
+                          ("codecs", lambda: codecs_section(args, report)),
                           ("pipeline", lambda: pipeline_section(args, report))):
         if budget.left() < 30:
             report["skipped"].append(f"{name}: time budget")
@@ -263,7 +277,8 @@ def main() -> dict[str, Any]:
     lines = [f"{report['device']}, torch {report['torch']}", f"checks: {report['checks']}"]
     lines += [f"{r['arch']:<10} {r['size']:>5} b{r['batch']:<3} {r['mode']:<28} {r['images_per_s']:>9.2f} img/s "
               f"{r.get('x_baseline', float('nan')):>6.2f}x  first {r['first_call_s']:.1f}s" for r in report["model_only"]]
-    lines += [f"engine {r}" for r in report["engine"]] + [f"pipeline {report['pipeline']}"]
+    lines += [f"engine {r}" for r in report["engine"]] + [f"codecs {report.get('codecs')}"]
+    lines += [f"pipeline {report['pipeline']}"]
     lines += [f"skipped: {s}" for s in report["skipped"]] + [f"errors: {report.get('errors', {})}"]
     print("\n".join(lines), flush=True)
     return emit(report, args.json)

@@ -38,6 +38,7 @@ if TYPE_CHECKING:  # torch loads in the replicas only: read, decode and write wo
 
 log = logging.getLogger(__name__)
 REPLICA_RETRIES = 3  # a call whose replica died is retried on its restarted replica this often
+LIGHT_TASK_RETRIES = 3  # a read, decode or write task whose worker died is run again this often
 ANSI_CODE = re.compile(r"\x1b\[[0-9;]*m")  # colours in Ray's error texts
 LIGHT_TASK_CPUS = 0.25  # read / decode / encode tasks: they overlap the replicas' compute
 CPU_REPLICA_SHARE = 0.75  # a CPU replica reserves this share of its cores' scheduling slots
@@ -206,14 +207,20 @@ def replica_error(exc: BaseException) -> Any:
 
 def failed_row(item: WorkItem, exc: BaseException) -> Row:
     """The row of an image whose replica call or task failed as a whole, naming the cause: a
-    replica that died at every try (a crash, the OOM killer) or could not start, or a worker
-    lost more often than Ray retries its task."""
+    replica that died at every try (a crash, the OOM killer) or could not start, or the
+    worker of one of its read, decode or write tasks lost more often than Ray retries it."""
+    import ray
+
     cause = getattr(exc, "cause", None)
-    row = stages.fail({"key": item.key, "output_key": item.output_key},
-                      cause if isinstance(cause, BaseException) else exc)
+    failure = cause if isinstance(cause, BaseException) else exc
+    row = stages.fail({"key": item.key, "output_key": item.output_key}, failure)
     lines = [line.strip() for line in ANSI_CODE.sub("", str(exc)).splitlines() if line.strip()] or [""]
     error = replica_error(exc)
-    if error is not None and not error.actor_init_failed:  # its process died
+    if isinstance(failure, ray.exceptions.WorkerCrashedError):
+        row["error_message"] = (f"{item.key}: the worker process reading, decoding or writing it died at each of "
+                                f"{LIGHT_TASK_RETRIES + 1} tries, then again when the image was sent once more "
+                                f"(out of memory, or a fault in a codec's native code); Ray said: {lines[0]}")[:2000]
+    elif error is not None and not error.actor_init_failed:  # its process died
         row["error_message"] = (f"{item.key}: the model replica died while restoring it, at each of "
                                 f"{REPLICA_RETRIES + 2} tries, the last one alone (its process crashed or was "
                                 f"killed: out of memory, or a fault in native code); Ray said: {lines[0]}")[:2000]
@@ -269,13 +276,15 @@ def _stream(spec: JobSpec, items: list[WorkItem], pool: ReplicaPool) -> Iterator
     An image whose replica died at every try Ray made is tried once more alone on an idle
     replica (a CPU replica runs two calls at once, and a GPU call holds several images, so
     an image can die beside another that crashed the process); only if that fails too does
-    it get a failed row. A replica that cannot start is taken out of the rotation, its images
+    it get a failed row. Likewise an image whose call failed because a read, decode or write
+    task's worker died at every try (its own, or another image's in a GPU batch) is sent once
+    more in a call of its own. A replica that cannot start is taken out of the rotation, its images
     sent to the others; if it is the last one, they fail with its error.
     """
     import ray
 
     shape, separate = pool.shape, pool.separate
-    light = ray.remote(light_stage).options(num_cpus=LIGHT_TASK_CPUS)
+    light = ray.remote(light_stage).options(num_cpus=LIGHT_TASK_CPUS, max_retries=LIGHT_TASK_RETRIES)
     spec_ref = ray.put(spec)
     per_batch, in_flight = shape["images_per_batch"], shape["in_flight"]
     batches = (items[i:i + per_batch] for i in range(0, len(items), per_batch))
@@ -287,6 +296,7 @@ def _stream(spec: JobSpec, items: list[WorkItem], pool: ReplicaPool) -> Iterator
     live = list(range(pool.size))  # replicas in the rotation (not those that could not start)
     calls: dict[Any, SentCall] = {}  # a call's first result -> the call (its replica is busy until then)
     finals: dict[Any, tuple[SentCall, int]] = {}  # an image's last result -> (its call, its place in it)
+    sent_again: set[str] = set()  # images of a call failed by a lost task (theirs or another's), sent once more
 
     def dispatch(batch: list[WorkItem], refs: list[Any], index: int, solo: bool) -> None:
         options: dict[str, Any] = {"num_returns": len(refs)}
@@ -337,6 +347,12 @@ def _stream(spec: JobSpec, items: list[WorkItem], pool: ReplicaPool) -> Iterator
                     elif error is not None and error.actor_init_failed and any(i != call.replica for i in live):
                         if call.replica in live:  # it could not start: the others take its images
                             live.remove(call.replica)
+                        queued.appendleft(([item], [image]))
+                    elif error is None and item.key not in sent_again:
+                        # A task's worker died past its retries: this image's own read, decode or
+                        # write, or another image's in the same call. Sent once more on its own,
+                        # only the image whose task dies again fails.
+                        sent_again.add(item.key)
                         queued.appendleft(([item], [image]))
                     else:
                         yield failed_row(item, exc)

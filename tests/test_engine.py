@@ -226,6 +226,8 @@ def test_gpu_session_script_quick_mode_runs_every_section():
     assert all(r["images_per_s"] > 0 and r["x_baseline"] > 0 for r in report["model_only"])
     assert len(report["engine"]) == 3 and all(r["tiles"] > 1 for r in report["engine"])
     assert report["pipeline"]["images"] == 6 and report["pipeline"]["pipeline_over_loop"] > 0
+    assert {row["format"] for row in report["codecs"]["rows"]} == {"JPEG", "PNG", "WEBP"}
+    assert all(row["cores_per_replica"] > 0 for row in report["codecs"]["rows"])
 
 
 def test_compiled_models_see_few_static_shapes():

@@ -433,6 +433,21 @@ def test_columnar_batches_round_trip_rows_with_arrays_outside_the_pickled_fields
     assert all(type(value) is str for row in stages.unpack(seed) for value in row.values())
 
 
+def test_codec_speed_benchmark_quick_mode_reports_every_format():
+    """benchmarks/codec_speed.py in its seconds-long form: decode and encode rates of each format,
+    and the cores a replica's codecs need at the model's rate."""
+    repo = Path(__file__).resolve().parent.parent
+    proc = subprocess.run([sys.executable, "-m", "benchmarks.codec_speed", "--quick", "--model-mp-per-s", "8"],
+                          cwd=repo, capture_output=True, text=True, timeout=300, env=child_env())
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    report = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert report["model_mp_per_s"] == 8 and {row["format"] for row in report["rows"]} == {"JPEG", "PNG", "WEBP"}
+    for row in report["rows"]:
+        assert row["decode_mp_per_s"] > 0 and row["encode_mp_per_s"] > 0
+        expected = 8 / row["decode_mp_per_s"] + 8 / row["encode_mp_per_s"]
+        assert row["cores_per_replica"] == pytest.approx(expected, abs=0.01)
+
+
 @pytest.mark.slow
 def test_stage_boundary_benchmark_quick_mode_reports_every_format():
     """benchmarks/stage_boundary.py in its seconds-long form: every format timed, rows intact."""

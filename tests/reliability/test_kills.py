@@ -175,3 +175,39 @@ def test_a_replica_that_cannot_start_leaves_its_images_to_the_others(tmp_path, s
     assert {r["status"] for r in outcomes[1]} == {"failed"}
     assert all(r["error_class"] == "CheckpointError" and "the model replica could not start" in r["error_message"]
                and "v2-small.safetensors" in r["error_message"] for r in outcomes[1]), outcomes[1][0]
+
+
+def test_a_decode_worker_that_dies_at_every_try_fails_only_its_own_image(tmp_path, small_model, ray_runtime,
+                                                                          monkeypatch):
+    """Separate stages (the GPU graph, run here on the CPU) with four images per replica call:
+    the worker decoding one image dies at every try Ray makes. Its call fails as a whole; its
+    other three images are sent again, each on its own, and restored; only that image fails,
+    with a row naming the lost worker."""
+    from pipeline import graph, stages
+    from pipeline.runner import prepare_job
+
+    decode_as_usual = graph.light_stage
+
+    def light_stage(name, spec, batch):
+        if name == "decode" and any("poison" in row["key"] for row in stages.unpack(batch)):
+            os._exit(1)
+        return decode_as_usual(name, spec, batch)
+
+    monkeypatch.setattr(graph, "light_stage", light_stage)
+    src = tmp_path / "in"
+    for key, data in {**photo_files(3, size=64), "poison.png": photo_files(1, size=64)["set0/deep/img00.png"]}.items():
+        (src / key).parent.mkdir(parents=True, exist_ok=True)
+        (src / key).write_bytes(data)
+    plan, spec, model = prepare_job(str(src), str(tmp_path / "out"), model=small_model)
+    options = graph.ClusterOptions(quiet=True, replicas=1, cpus_per_replica=1, images_per_batch=4,
+                                   separate_stages=True)
+    try:
+        rows = {row["key"]: row for row in graph.run_graph(spec, plan.runnable, options, model=model)}
+    finally:
+        plan.release()
+    assert sorted(rows) == sorted(item.key for item in plan.runnable) and len(rows) == 5
+    poisoned = rows.pop("poison.png")
+    assert {row["status"] for row in rows.values()} == {"ok"}, rows
+    assert poisoned["status"] == "failed" and poisoned["error_class"] == "WorkerCrashedError", poisoned
+    assert "poison.png: the worker process reading, decoding or writing it died" in poisoned["error_message"]
+    assert all((tmp_path / "out" / key).is_file() for key in rows)

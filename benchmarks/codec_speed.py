@@ -16,7 +16,8 @@ import argparse
 import io
 import json
 import time
-from typing import Any
+from pathlib import Path
+from typing import Any, Callable
 
 import numpy as np
 from PIL import Image
@@ -49,7 +50,7 @@ def mosaic(height: int, width: int) -> np.ndarray:
     return out
 
 
-def per_second(fn: Any, min_seconds: float) -> float:
+def per_second(fn: Callable[[], Any], min_seconds: float) -> float:
     """Calls of ``fn`` per second, over at least ``min_seconds`` (after one untimed call)."""
     fn()
     count, start = 0, time.perf_counter()
@@ -81,15 +82,16 @@ def measure(sizes: dict[str, tuple[int, int]], min_seconds: float) -> list[dict[
 def add_cores_per_replica(rows: list[dict[str, Any]], model_mp_per_s: float) -> list[dict[str, Any]]:
     """Each row with the cores one replica's decode and encode need to keep up with the model's rate."""
     for row in rows:
-        row["cores_per_replica"] = round(model_mp_per_s / row["decode_mp_per_s"]
-                                         + model_mp_per_s / row["encode_mp_per_s"], 2)
+        cores = model_mp_per_s / row["decode_mp_per_s"] + model_mp_per_s / row["encode_mp_per_s"]
+        row["cores_per_replica"] = float(f"{cores:.3g}")
     return rows
 
 
 def model_rate(path: str) -> tuple[float, str]:
     """The fastest model-only megapixels/s in a model_speed or gpu_session JSON, and what it was."""
-    report = json.loads(open(path).read())
-    rows = report.get("model_only") or []
+    rows = json.loads(Path(path).read_text()).get("model_only") or []
+    if not rows:
+        raise SystemExit(f"{path}: no model_only figures to take the model's rate from")
     best = max(rows, key=lambda row: row.get("megapixels_per_s", 0.0))
     what = ", ".join(f"{key} {best[key]}" for key in ("arch", "mode", "size", "batch") if key in best)
     return float(best["megapixels_per_s"]), f"{path}: {what}"

@@ -205,21 +205,27 @@ def replica_error(exc: BaseException) -> Any:
     return None
 
 
+def lost_worker(exc: BaseException) -> bool:
+    """Whether a task failed because its worker process died (a crash, Ray's memory monitor), not by its own error."""
+    import ray
+
+    lost = (ray.exceptions.WorkerCrashedError, ray.exceptions.OutOfMemoryError, ray.exceptions.NodeDiedError)
+    return isinstance(exc, lost) or isinstance(getattr(exc, "cause", None), lost)
+
+
 def failed_row(item: WorkItem, exc: BaseException) -> Row:
     """The row of an image whose replica call or task failed as a whole, naming the cause: a
     replica that died at every try (a crash, the OOM killer) or could not start, or the
-    worker of one of its read, decode or write tasks lost more often than Ray retries it."""
-    import ray
-
+    worker of one of its read, decode or write tasks lost at every try."""
     cause = getattr(exc, "cause", None)
-    failure = cause if isinstance(cause, BaseException) else exc
-    row = stages.fail({"key": item.key, "output_key": item.output_key}, failure)
+    row = stages.fail({"key": item.key, "output_key": item.output_key},
+                      cause if isinstance(cause, BaseException) else exc)
     lines = [line.strip() for line in ANSI_CODE.sub("", str(exc)).splitlines() if line.strip()] or [""]
     error = replica_error(exc)
-    if isinstance(failure, ray.exceptions.WorkerCrashedError):
-        row["error_message"] = (f"{item.key}: the worker process reading, decoding or writing it died at each of "
-                                f"{LIGHT_TASK_RETRIES + 1} tries, then again when the image was sent once more "
-                                f"(out of memory, or a fault in a codec's native code); Ray said: {lines[0]}")[:2000]
+    if error is None and lost_worker(exc):
+        row["error_message"] = (f"{item.key}: the worker process reading, decoding or writing it died at every "
+                                f"try ({LIGHT_TASK_RETRIES + 1} per task, and the image was sent once more: out of "
+                                f"memory, or a fault in a codec's native code); Ray said: {lines[0]}")[:2000]
     elif error is not None and not error.actor_init_failed:  # its process died
         row["error_message"] = (f"{item.key}: the model replica died while restoring it, at each of "
                                 f"{REPLICA_RETRIES + 2} tries, the last one alone (its process crashed or was "
@@ -278,7 +284,7 @@ def _stream(spec: JobSpec, items: list[WorkItem], pool: ReplicaPool) -> Iterator
     an image can die beside another that crashed the process); only if that fails too does
     it get a failed row. Likewise an image whose call failed because a read, decode or write
     task's worker died at every try (its own, or another image's in a GPU batch) is sent once
-    more in a call of its own. A replica that cannot start is taken out of the rotation, its images
+    more in a call of its own, from a fresh read (so a write that died runs the model again). A replica that cannot start is taken out of the rotation, its images
     sent to the others; if it is the last one, they fail with its error.
     """
     import ray
@@ -298,6 +304,12 @@ def _stream(spec: JobSpec, items: list[WorkItem], pool: ReplicaPool) -> Iterator
     finals: dict[Any, tuple[SentCall, int]] = {}  # an image's last result -> (its call, its place in it)
     sent_again: set[str] = set()  # images of a call failed by a lost task (theirs or another's), sent once more
 
+    def inputs(batch: list[WorkItem]) -> list[Any]:
+        """Each image's seed; in separate stages, a reference to it read and decoded."""
+        seeds = [stages.pack([{"key": i.key, "output_key": i.output_key}]) for i in batch]
+        return [light.remote("decode", spec_ref, light.remote("read", spec_ref, seed)) for seed in seeds] \
+            if separate else seeds
+
     def dispatch(batch: list[WorkItem], refs: list[Any], index: int, solo: bool) -> None:
         options: dict[str, Any] = {"num_returns": len(refs)}
         if solo:  # the retry alone is the last try: Ray does not repeat it
@@ -314,10 +326,7 @@ def _stream(spec: JobSpec, items: list[WorkItem], pool: ReplicaPool) -> Iterator
     try:
         while True:
             while len(queued) < ahead and (batch := next(batches, None)) is not None:
-                refs = [stages.pack([{"key": i.key, "output_key": i.output_key}]) for i in batch]
-                if separate:
-                    refs = [light.remote("decode", spec_ref, light.remote("read", spec_ref, seed)) for seed in refs]
-                queued.append((batch, refs))
+                queued.append((batch, inputs(batch)))
             while alone and (idle := [i for i in live if load[i] == 0]):
                 dispatch(*alone.popleft(), index=idle[0], solo=True)
             while not alone and queued and len(finals) < unwritten_cap:
@@ -348,12 +357,13 @@ def _stream(spec: JobSpec, items: list[WorkItem], pool: ReplicaPool) -> Iterator
                         if call.replica in live:  # it could not start: the others take its images
                             live.remove(call.replica)
                         queued.appendleft(([item], [image]))
-                    elif error is None and item.key not in sent_again:
-                        # A task's worker died past its retries: this image's own read, decode or
-                        # write, or another image's in the same call. Sent once more on its own,
-                        # only the image whose task dies again fails.
+                    elif error is None and lost_worker(exc) and item.key not in sent_again:
+                        # A light task's worker died at each of Ray's tries: this image's read,
+                        # decode or write, or another image's in the same call. Sent once more
+                        # on its own, read and decoded afresh: only an image whose own tasks die
+                        # again fails.
                         sent_again.add(item.key)
-                        queued.appendleft(([item], [image]))
+                        queued.appendleft(([item], inputs([item])))
                     else:
                         yield failed_row(item, exc)
     finally:  # stopped early (--fail-fast) or failed: queued work and unfinished writes are cancelled

@@ -227,7 +227,11 @@ def test_gpu_session_script_quick_mode_runs_every_section():
     assert len(report["engine"]) == 3 and all(r["tiles"] > 1 for r in report["engine"])
     assert report["pipeline"]["images"] == 6 and report["pipeline"]["pipeline_over_loop"] > 0
     assert {row["format"] for row in report["codecs"]["rows"]} == {"JPEG", "PNG", "WEBP"}
-    assert all(row["cores_per_replica"] > 0 for row in report["codecs"]["rows"])
+    model_mp = report["codecs"]["model_mp_per_s"]
+    assert model_mp == max(r["megapixels_per_s"] for r in report["model_only"])
+    assert all(row["cores_per_replica"] == pytest.approx(model_mp / row["decode_mp_per_s"]
+                                                         + model_mp / row["encode_mp_per_s"], rel=0.01)
+               for row in report["codecs"]["rows"])
 
 
 def test_compiled_models_see_few_static_shapes():

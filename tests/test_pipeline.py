@@ -445,7 +445,7 @@ def test_codec_speed_benchmark_quick_mode_reports_every_format():
     for row in report["rows"]:
         assert row["decode_mp_per_s"] > 0 and row["encode_mp_per_s"] > 0
         expected = 8 / row["decode_mp_per_s"] + 8 / row["encode_mp_per_s"]
-        assert row["cores_per_replica"] == pytest.approx(expected, abs=0.01)
+        assert row["cores_per_replica"] == pytest.approx(expected, rel=0.01)
 
 
 @pytest.mark.slow

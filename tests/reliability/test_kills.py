@@ -181,15 +181,18 @@ def test_a_decode_worker_that_dies_at_every_try_fails_only_its_own_image(tmp_pat
                                                                           monkeypatch):
     """Separate stages (the GPU graph, run here on the CPU) with four images per replica call:
     the worker decoding one image dies at every try Ray makes. Its call fails as a whole; its
-    other three images are sent again, each on its own, and restored; only that image fails,
-    with a row naming the lost worker."""
+    other three images are sent again, each on its own, and restored; that image is read and
+    decoded afresh once more, and then fails alone, with a row naming the lost worker."""
     from pipeline import graph, stages
     from pipeline.runner import prepare_job
 
     decode_as_usual = graph.light_stage
+    attempts = str(tmp_path / "poison-decodes")
 
     def light_stage(name, spec, batch):
         if name == "decode" and any("poison" in row["key"] for row in stages.unpack(batch)):
+            with open(attempts, "a") as log:
+                log.write("x")
             os._exit(1)
         return decode_as_usual(name, spec, batch)
 
@@ -209,5 +212,7 @@ def test_a_decode_worker_that_dies_at_every_try_fails_only_its_own_image(tmp_pat
     poisoned = rows.pop("poison.png")
     assert {row["status"] for row in rows.values()} == {"ok"}, rows
     assert poisoned["status"] == "failed" and poisoned["error_class"] == "WorkerCrashedError", poisoned
-    assert "poison.png: the worker process reading, decoding or writing it died" in poisoned["error_message"]
+    assert "poison.png: the worker process reading, decoding or writing it died at every try" \
+        in poisoned["error_message"]
     assert all((tmp_path / "out" / key).is_file() for key in rows)
+    assert Path(attempts).read_text() == "x" * 2 * (graph.LIGHT_TASK_RETRIES + 1), "Ray's tries, then one fresh send"

@@ -155,9 +155,10 @@ def refused_row(item: WorkItem) -> Row:
 
 # Jobs at most this big run in-process under --executor auto (no cluster address). Measured
 # on 2 CPU cores with the default denoiser: starting the embedded runtime and its replicas
-# costs ~10 s, and in-process workers restore a little faster than Ray's CPU replicas (12
-# photos, 3.1 MP: 16.5 s in-process, 28.6 s with Ray). Bigger jobs go to Ray for its fault
-# tolerance and to use every GPU (README, "Small jobs").
+# costs 4-6 s, and in-process workers restore a little faster than Ray's CPU replicas (12
+# photos, 3.1 MP: 12.6-12.8 s in-process, 16.3-16.4 s with Ray; 40 photos, 10.5 MP: 1.44x
+# and 1.31x a plain loop). Bigger jobs go to Ray for its fault tolerance (a crash in native
+# code costs one replica, not the run) and to use every GPU (README, "Small jobs").
 SMALL_JOB_IMAGES = 64
 SMALL_JOB_MEGAPIXELS = 6.0
 HEADER_BYTES = 1 << 18

@@ -449,6 +449,24 @@ def test_codec_speed_benchmark_quick_mode_reports_every_format():
 
 
 @pytest.mark.slow
+def test_pipeline_throughput_benchmark_runs_end_to_end_on_s3():
+    """benchmarks/pipeline_throughput.py with --storage s3 on three small photos: the plain loop,
+    the in-process executor and Ray read from and write to a moto S3 server of its own."""
+    repo = Path(__file__).resolve().parent.parent
+    proc = subprocess.run([sys.executable, "-m", "benchmarks.pipeline_throughput", "--images", "3", "--size", "64",
+                           "--storage", "s3", "--model", "mirnet-v2-denoise-s"],
+                          cwd=repo, capture_output=True, text=True, timeout=600, env=child_env())
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    report = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert report["storage"] == "s3" and report["images"] == 3
+    for name in ("plain_loop_images_per_s", "inline_images_per_s", "pipeline_images_per_s",
+                 "steady_pipeline_images_per_s"):
+        assert report[name] > 0, name
+    assert report["ratio_pipeline_over_plain_loop"] == pytest.approx(
+        report["pipeline_images_per_s"] / report["plain_loop_images_per_s"], rel=0.02)
+
+
+@pytest.mark.slow
 def test_stage_boundary_benchmark_quick_mode_reports_every_format():
     """benchmarks/stage_boundary.py in its seconds-long form: every format timed, rows intact."""
     repo = Path(__file__).resolve().parent.parent

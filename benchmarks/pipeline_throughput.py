@@ -95,8 +95,8 @@ S3_TEST_ENV = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing
 @contextlib.contextmanager
 def storage_root(kind: str, tmp: Path) -> Iterator[str]:
     """Where the runs read and write: ``tmp`` itself, or (``s3``) a bucket on a moto S3 server
-    started on 127.0.0.1 in its own process, the AWS variables pointing at it meanwhile
-    (Ray, started later, passes them on to its workers)."""
+    started on 127.0.0.1 in its own process, the AWS variables pointing at it for the rest of
+    this (one-shot) process: Ray, started later, passes them on to its workers."""
     if kind == "local":
         yield str(tmp)
         return
@@ -108,7 +108,6 @@ def storage_root(kind: str, tmp: Path) -> Iterator[str]:
     endpoint = f"http://127.0.0.1:{port}"
     server = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    saved = {key: os.environ.get(key) for key in [*S3_TEST_ENV, "AWS_ENDPOINT_URL"]}
     try:
         for _ in range(200):
             try:
@@ -122,11 +121,6 @@ def storage_root(kind: str, tmp: Path) -> Iterator[str]:
     finally:
         server.terminate()
         server.wait()
-        for key, value in saved.items():
-            if value is None:
-                os.environ.pop(key, None)
-            else:
-                os.environ[key] = value
 
 
 def upload(folder: Path, root: str) -> str:

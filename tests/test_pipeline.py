@@ -463,7 +463,7 @@ def test_pipeline_throughput_benchmark_runs_end_to_end_on_s3():
                  "steady_pipeline_images_per_s"):
         assert report[name] > 0, name
     assert report["ratio_pipeline_over_plain_loop"] == pytest.approx(
-        report["pipeline_images_per_s"] / report["plain_loop_images_per_s"], rel=0.02)
+        report["pipeline_images_per_s"] / report["plain_loop_images_per_s"], rel=0.02, abs=2e-3)  # 3 decimals
 
 
 @pytest.mark.slow

@@ -5,7 +5,8 @@ image, fp32, eager) as the baseline. Engine: the same model through the Restorer
 blending, quantisation) on a larger image, against model-only time for the same pixels.
 Quality: PSNR against the clean photo, per mode, minus fp32 eager's (three noisy photos).
 
-    python -m benchmarks.model_speed [--model NAME] [--sizes 256 512] [--batches 1 2 4] [--compile]
+    python -m benchmarks.model_speed [--model NAME] [--sizes 256 512 1024] [--batches 1 2 4] [--compile]
+        [--engine-size 1024] [--engine-tile 512]
     python -m benchmarks.model_speed --quick     # seconds: checks the report's form (CI)
 """
 from __future__ import annotations
@@ -44,7 +45,7 @@ def prepared(module: torch.nn.Module, channels_last: bool, compiled: bool) -> Ca
     model = copy.deepcopy(module).eval()
     if channels_last:
         model = model.to(memory_format=torch.channels_last)
-    run = torch.compile(model) if compiled else model
+    run = torch.compile(model, dynamic=False) if compiled else model  # as the engine: one graph per shape
 
     def forward(x: torch.Tensor) -> torch.Tensor:
         return run(x.contiguous(memory_format=torch.channels_last) if channels_last else x).float()
@@ -81,9 +82,12 @@ def psnr(a: np.ndarray, b: np.ndarray) -> float:
 def main() -> dict[str, Any]:
     parser = argparse.ArgumentParser()
     parser.add_argument("--model", default="mirnet-v2-denoise-m")
-    parser.add_argument("--sizes", type=int, nargs="+", default=[256, 512])
+    parser.add_argument("--sizes", type=int, nargs="+", default=[256, 512, 1024],
+                        help="model-only sides; the batch sweep runs at the first, batch 1 at the others")
     parser.add_argument("--batches", type=int, nargs="+", default=[1, 2, 4])
-    parser.add_argument("--engine-size", type=int, default=1024)
+    parser.add_argument("--engine-size", type=int, default=1024, help="side of the image the engine restores")
+    parser.add_argument("--engine-tile", type=int, default=512,
+                        help="the engine's tile side (one of --sizes; else the largest of them)")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--compile", action="store_true", help="also the torch.compile modes (about a minute each)")
     parser.add_argument("--quick", action="store_true", help="tiny sizes, one repeat: checks the report's form")
@@ -102,6 +106,7 @@ def main() -> dict[str, Any]:
     report: dict[str, Any] = {"model": args.model, "threads": threads, "cpu_bf16": cpu_supports_bf16(),
                               "torch": torch.__version__, "model_only": [], "quality": {}, "engine": {}}
     for name, (dtype, channels_last, compiled) in modes.items():
+        torch._dynamo.reset()  # each mode's static shapes count afresh against dynamo's recompile limit (8)
         forward = prepared(spec.module, channels_last, compiled)
         for size in args.sizes:
             for batch in (args.batches if size == args.sizes[0] else [1]):
@@ -133,7 +138,7 @@ def main() -> dict[str, Any]:
     side = args.engine_size
     image = (np.random.default_rng(1).random((side, side, 3)) * 255).astype(np.uint8)
 
-    tile = args.sizes[-1]
+    tile = args.engine_tile if args.engine_tile in args.sizes else args.sizes[-1]
     tiles = len(TileGrid(side, side, tile, tile // 16))
     for name in [m for m in ("fp32", "bf16") if m in modes]:
         settings = EngineSettings(precision=name, tile=tile, overlap=tile // 16)

@@ -115,6 +115,8 @@ def storage_root(kind: str, tmp: Path) -> Iterator[str]:
                 break
             except OSError:
                 time.sleep(0.05)
+        else:
+            raise SystemExit(f"the moto S3 server did not answer at {endpoint} (is moto[server] installed?)")
         os.environ.update(S3_TEST_ENV, AWS_ENDPOINT_URL=endpoint)
         fsspec.filesystem("s3", skip_instance_cache=True).mkdir("bench")
         yield "s3://bench"

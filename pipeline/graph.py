@@ -195,14 +195,17 @@ class ReplicaPool:
                 log.warning("could not remove a replica: %s", exc)
 
 
+def raised(exc: BaseException) -> tuple[BaseException, ...]:
+    """A failed call's error and, for Ray's task errors, the error it wraps (``cause``)."""
+    cause = getattr(exc, "cause", None)
+    return (exc, cause) if isinstance(cause, BaseException) else (exc,)
+
+
 def replica_error(exc: BaseException) -> Any:
     """The replica's own error behind a failed call or task (Ray's RayActorError), if that is what failed it."""
     import ray
 
-    for error in (exc, getattr(exc, "cause", None)):
-        if isinstance(error, ray.exceptions.RayActorError):
-            return error
-    return None
+    return next((error for error in raised(exc) if isinstance(error, ray.exceptions.RayActorError)), None)
 
 
 def lost_worker(exc: BaseException) -> bool:
@@ -210,16 +213,14 @@ def lost_worker(exc: BaseException) -> bool:
     import ray
 
     lost = (ray.exceptions.WorkerCrashedError, ray.exceptions.OutOfMemoryError, ray.exceptions.NodeDiedError)
-    return isinstance(exc, lost) or isinstance(getattr(exc, "cause", None), lost)
+    return any(isinstance(error, lost) for error in raised(exc))
 
 
 def failed_row(item: WorkItem, exc: BaseException) -> Row:
     """The row of an image whose replica call or task failed as a whole, naming the cause: a
     replica that died at every try (a crash, the OOM killer) or could not start, or the
     worker of one of its read, decode or write tasks lost at every try."""
-    cause = getattr(exc, "cause", None)
-    row = stages.fail({"key": item.key, "output_key": item.output_key},
-                      cause if isinstance(cause, BaseException) else exc)
+    row = stages.fail({"key": item.key, "output_key": item.output_key}, raised(exc)[-1])
     lines = [line.strip() for line in ANSI_CODE.sub("", str(exc)).splitlines() if line.strip()] or [""]
     error = replica_error(exc)
     if error is None and lost_worker(exc):
@@ -284,8 +285,9 @@ def _stream(spec: JobSpec, items: list[WorkItem], pool: ReplicaPool) -> Iterator
     an image can die beside another that crashed the process); only if that fails too does
     it get a failed row. Likewise an image whose call failed because a read, decode or write
     task's worker died at every try (its own, or another image's in a GPU batch) is sent once
-    more in a call of its own, from a fresh read (so a write that died runs the model again). A replica that cannot start is taken out of the rotation, its images
-    sent to the others; if it is the last one, they fail with its error.
+    more in a call of its own, from a fresh read (so a write that died runs the model again).
+    A replica that cannot start is taken out of the rotation, its images sent to the others;
+    if it is the last one, they fail with its error.
     """
     import ray
 

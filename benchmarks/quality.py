@@ -22,6 +22,7 @@ each shipped card's `metrics`. ``--task enhance`` (repeatable) measures only tha
 keeps the other sections of an existing quality.json.
 
     python -m benchmarks.quality --out benchmarks/results --update-cards [--task enhance]
+    python -m benchmarks.quality --task enhance --photos my_photos/ --out /tmp/mine  # your own photos
 """
 from __future__ import annotations
 
@@ -134,8 +135,27 @@ def model_methods(cards: list[models.ModelCard], tta: bool = False) -> dict[str,
 Photos = list[tuple[str, np.ndarray]]  # (name, clean float32 HWC in 0..1)
 
 
-def clean_photos() -> Photos:
-    return [(name, skimage_photo(name).astype(np.float32) / 255) for name in VALIDATION]
+def clean_photos(paths: list[Path] | None = None) -> Photos:
+    """The held-out scikit-image photos, or the 8-bit photos at ``paths`` (files, or folders of them)."""
+    if not paths:
+        return [(name, skimage_photo(name).astype(np.float32) / 255) for name in VALIDATION]
+    from PIL import Image
+
+    missing = [str(p) for p in paths if not p.exists()]
+    if missing:
+        raise SystemExit(f"no such file or folder: {', '.join(missing)}")
+    files = [f for p in paths for f in (sorted(p.iterdir()) if p.is_dir() else [p]) if f.is_file()]
+    photos = []
+    for f in files:
+        try:
+            with Image.open(f) as img:
+                rgb = np.asarray(img.convert("RGB"), dtype=np.float32) / 255
+        except (OSError, ValueError) as exc:
+            raise SystemExit(f"{f}: not a readable photo ({exc})") from None
+        photos.append((f.stem, rgb))
+    if not photos:
+        raise SystemExit(f"no photos in {', '.join(map(str, paths))}")
+    return photos
 
 
 CROP_GRID = 2  # crops per photo: CROP_GRID x CROP_GRID
@@ -210,11 +230,11 @@ EVALUATORS: dict[str, Callable[[list[models.ModelCard], Photos], dict[str, Secti
 CROPS = ", {size}x{size} crops"  # the suffix of a crop section's name
 
 
-def markdown(results: dict[str, Section]) -> str:
+def markdown(results: dict[str, Section], names: list[str]) -> str:
     lines = []
     for section, methods in results.items():
         over = f"{CROP_GRID ** 2} crops of each" if section.endswith(" crops") else "the full photos"
-        lines.append(f"\n**{section}** (mean over {over}: {', '.join(VALIDATION)})\n")
+        lines.append(f"\n**{section}** (mean over {over}: {', '.join(names)})\n")
         lines.append("| method | PSNR (dB) | SSIM | PSNR-Y (dB) | colour cast (levels) | seconds / image "
                      "| seconds / MP |")
         lines.append("|---|---:|---:|---:|---:|---:|---:|")
@@ -243,29 +263,36 @@ def main() -> None:
     parser.add_argument("--crop", type=int, default=256, help="side of the crop sections (0: full photos only)")
     parser.add_argument("--task", action="append", choices=sorted(EVALUATORS),
                         help="measure only these tasks (repeatable); the other sections of OUT/quality.json are kept")
+    parser.add_argument("--photos", type=Path, action="append",
+                        help="measure on these 8-bit photos (files or folders; repeatable) instead of the held-out "
+                             "scikit-image ones; cards are then never updated")
     args = parser.parse_args()
+    if args.photos and args.update_cards:
+        parser.error("--update-cards records the held-out photos' figures only; leave out --photos")
+    photos = clean_photos(args.photos)
     if args.threads:
         torch.set_num_threads(args.threads)
     shipped = models.shipped_cards()
     results: dict[str, Section] = {}
-    if args.task and (args.out / "quality.json").is_file():
+    if args.task and not args.photos and (args.out / "quality.json").is_file():
         results = json.loads((args.out / "quality.json").read_text())
     for task, evaluate in EVALUATORS.items():
         cards = [c for c in shipped if c.task == task and (not args.task or task in args.task)]
         if cards:
-            results.update(evaluate(cards, clean_photos()))
+            results.update(evaluate(cards, photos))
             if args.crop:
                 suffix = CROPS.format(size=args.crop)
                 results.update({name + suffix: section
-                                for name, section in evaluate(cards, crops(clean_photos(), args.crop)).items()})
+                                for name, section in evaluate(cards, crops(photos, args.crop)).items()})
             print(task, "done", flush=True)
     if args.update_cards:
         for card in shipped:
             update_card(card, results, {c.name for c in shipped})
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "quality.json").write_text(json.dumps(results, indent=1))
-    (args.out / "quality.md").write_text(markdown(results))
-    print(markdown(results))
+    table = markdown(results, [name for name, _ in photos])
+    (args.out / "quality.md").write_text(table)
+    print(table)
 
 
 if __name__ == "__main__":

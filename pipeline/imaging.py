@@ -62,12 +62,16 @@ class ExposureCurve:
     """One image's exposure normalisation, measured on the whole image and applied before the
     network (cards with ``normalise_exposure``; the same in training and in the engine).
 
-    1. White point: the gain that brings the 99.9th percentile of each pixel's brightest
+    1. White point: the gain that brings the ``WHITE_PERCENTILE`` of each pixel's brightest
        channel to white (never darker; at most ``MAX_GAIN``). It undoes an under-exposure
-       without clipping saturated colours.
+       (light scaled down) without clipping saturated colours.
     2. Lift: if the mean luma is still below ``DARK_MEAN``, the gamma curve that maps that
        mean to ``TARGET_MEAN`` (sRGB middle grey, what an exposure meter aims at), no steeper
-       than undoing a gamma of ``1 / MIN_GAMMA``.
+       than undoing a gamma of ``1 / MIN_GAMMA`` -- but only for an image that already
+       reached white (a gain of at most ``LIFT_MAX_GAIN``: a dark tone curve, a gamma, linear
+       data) or one shot in low light (luma noise of ``LOW_LIGHT_NOISE`` 8-bit levels or more
+       after the gain). A clean image that needed a larger gain was under-exposed; the gain
+       undid that, and a dark scene keeps its own key.
     3. Strength: the share of the network's correction the engine keeps, from the luma noise
        measured after the curve (:func:`noise_sigma`): none up to ``NOISE_FLOOR`` 8-bit levels
        (what the curve leaves is clean, and a small network would only smooth its texture),
@@ -80,9 +84,11 @@ class ExposureCurve:
     gamma: float = 1.0
     strength: float = 1.0
 
-    WHITE_PERCENTILE = 99.9
+    WHITE_PERCENTILE = 99.99
     MAX_GAIN = 32.0
-    DARK_MEAN = 0.35
+    LIFT_MAX_GAIN = 1.5
+    LOW_LIGHT_NOISE = 8.0
+    DARK_MEAN = 0.4
     TARGET_MEAN = 0.46
     MIN_GAMMA = 0.4
     NOISE_FLOOR = 4.0
@@ -100,7 +106,8 @@ class ExposureCurve:
         exposed = cls(gain)(sample)
         mean = float(luma(exposed).mean())
         gamma = 1.0
-        if 0.0 < mean < cls.DARK_MEAN:
+        low_light = noise_sigma(exposed) * PEAK_8 >= cls.LOW_LIGHT_NOISE
+        if 0.0 < mean < cls.DARK_MEAN and (gain <= cls.LIFT_MAX_GAIN or low_light):
             gamma = max(float(np.log(cls.TARGET_MEAN) / np.log(mean)), cls.MIN_GAMMA)
         noise = noise_sigma(cls(1.0, gamma)(exposed)) * PEAK_8
         strength = float(np.clip((noise - cls.NOISE_FLOOR) / (cls.NOISE_FULL - cls.NOISE_FLOOR), 0.0, 1.0))

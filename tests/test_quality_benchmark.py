@@ -24,7 +24,8 @@ def test_every_section_scores_every_method(monkeypatch):
     default = models.default_for("denoise").name
     assert {default, f"{default} --tta", "cbm3d", "nl_means", "input"} <= set(results["denoise sigma50"])
     assert results["sr x2"]["mirnet-v2-sr2-s"]["psnr"] > results["sr x2"]["bicubic"]["psnr"] - 1
-    assert "| colour cast (levels) |" in quality.markdown(results) and "| seconds / MP |" in quality.markdown(results)
+    table = quality.markdown(results, ["chelsea", "camera"])
+    assert "| colour cast (levels) |" in table and "| seconds / MP |" in table and "chelsea, camera)" in table
     row = results["denoise sigma25"]["mirnet-v2-denoise-s"]
     assert row["seconds_per_mp"] == pytest.approx(row["seconds"] / (64 * 96 / 1e6), rel=0.02, abs=0.02)  # means of rounded figures
 
@@ -40,3 +41,25 @@ def test_crops_tile_each_photo_on_a_grid_inside_its_bounds():
     assert corners == {"chelsea@0,0", f"chelsea@0,{w - 256}", f"chelsea@{h - 256},0", f"chelsea@{h - 256},{w - 256}"}
     y, x = h - 256, w - 256
     assert (dict(crops)[f"chelsea@{y},{x}"] == photos[1][1][y:, x:]).all()
+
+
+def test_own_photos_are_read_from_files_and_folders(tmp_path):
+    from PIL import Image
+
+    folder = tmp_path / "mine"
+    folder.mkdir()
+    Image.fromarray(skimage_photo("coffee")[:40, :50]).save(folder / "cup.png")
+    Image.fromarray(skimage_photo("camera")[:30, :20, 0]).save(tmp_path / "grey.jpg", quality=95)  # one channel
+    photos = quality.clean_photos([folder, tmp_path / "grey.jpg"])
+    assert [name for name, _ in photos] == ["cup", "grey"]
+    assert photos[0][1].shape == (40, 50, 3) and photos[1][1].shape == (30, 20, 3)
+    assert photos[0][1].dtype == "float32" and 0.0 <= photos[0][1].min() and photos[0][1].max() <= 1.0
+    assert (photos[0][1] * 255).round().astype("uint8").tolist() == skimage_photo("coffee")[:40, :50].tolist()
+    (tmp_path / "notes.png").write_text("not an image")
+    with pytest.raises(SystemExit, match="notes.png: not a readable photo"):
+        quality.clean_photos([tmp_path / "notes.png"])
+    with pytest.raises(SystemExit, match="no such file or folder: .*absent"):
+        quality.clean_photos([tmp_path / "absent"])
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(SystemExit, match="no photos"):
+        quality.clean_photos([tmp_path / "empty"])

@@ -115,3 +115,9 @@ def test_default_enhancer_undoes_plain_under_exposure_and_leaves_a_good_exposure
     assert psnr(restored, clean) > psnr(dark, clean) + 15
     assert abs(restored.mean() - clean.mean()) * 255 < 3  # no tint, no brightening beyond the original
     assert psnr(as_8bit(restore_array(clean, enhancer)), clean) > 30  # a good exposure passes nearly unchanged
+    # A dark region (mean luma 0.26) under-exposed x0.25: the gain undoes it, and it is not lifted to middle grey.
+    shadow = skimage_photo("camera")[256:, :256].astype(np.float32) / 255
+    dark = as_8bit(shadow * 0.25)
+    restored = as_8bit(restore_array(dark, enhancer))
+    assert psnr(restored, shadow) > max(psnr(percentile_stretch(dark), shadow), psnr(clahe(dark), shadow)) + 1.0
+    assert abs(restored.mean() - shadow.mean()) * 255 < 3

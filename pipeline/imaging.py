@@ -88,7 +88,7 @@ class ExposureCurve:
     MAX_GAIN = 32.0
     LIFT_MAX_GAIN = 1.5
     LOW_LIGHT_NOISE = 8.0
-    DARK_MEAN = 0.4
+    DARK_MEAN = 0.35
     TARGET_MEAN = 0.46
     MIN_GAMMA = 0.4
     NOISE_FLOOR = 4.0

@@ -105,11 +105,11 @@ class ExposureCurve:
         gain = float(np.clip(1.0 / max(white, 1e-6), 1.0, cls.MAX_GAIN))
         exposed = cls(gain)(sample)
         mean = float(luma(exposed).mean())
+        noise = noise_sigma(exposed) * PEAK_8
         gamma = 1.0
-        low_light = noise_sigma(exposed) * PEAK_8 >= cls.LOW_LIGHT_NOISE
-        if 0.0 < mean < cls.DARK_MEAN and (gain <= cls.LIFT_MAX_GAIN or low_light):
+        if 0.0 < mean < cls.DARK_MEAN and (gain <= cls.LIFT_MAX_GAIN or noise >= cls.LOW_LIGHT_NOISE):
             gamma = max(float(np.log(cls.TARGET_MEAN) / np.log(mean)), cls.MIN_GAMMA)
-        noise = noise_sigma(cls(1.0, gamma)(exposed)) * PEAK_8
+            noise = noise_sigma(cls(1.0, gamma)(exposed)) * PEAK_8  # the lift amplifies the darks' noise
         strength = float(np.clip((noise - cls.NOISE_FLOOR) / (cls.NOISE_FULL - cls.NOISE_FLOOR), 0.0, 1.0))
         return cls(gain, gamma, strength)
 

@@ -40,7 +40,8 @@ from models.cards import WEIGHTS_DIR
 from pipeline.training.data import skimage_photo
 from pipeline.training.degrade import Degradation, is_grey
 from pipeline.engine import EngineSettings, Restorer, restore_array
-from pipeline.imaging import as_8bit, luma, resize_bicubic
+from pipeline import codecs
+from pipeline.imaging import as_8bit, luma, resize_bicubic, to_rgb_float
 from pipeline.metrics import score
 
 VALIDATION = ("chelsea", "camera", "coffee")
@@ -136,11 +137,10 @@ Photos = list[tuple[str, np.ndarray]]  # (name, clean float32 HWC in 0..1)
 
 
 def clean_photos(paths: list[Path] | None = None) -> Photos:
-    """The held-out scikit-image photos, or the 8-bit photos at ``paths`` (files, or folders of them)."""
+    """The held-out scikit-image photos, or the photos at ``paths`` (files, or folders of them),
+    decoded as `mirnet restore` reads them (first page, colour, alpha left out)."""
     if not paths:
         return [(name, skimage_photo(name).astype(np.float32) / 255) for name in VALIDATION]
-    from PIL import Image
-
     missing = [str(p) for p in paths if not p.exists()]
     if missing:
         raise SystemExit(f"no such file or folder: {', '.join(missing)}")
@@ -148,11 +148,10 @@ def clean_photos(paths: list[Path] | None = None) -> Photos:
     photos = []
     for f in files:
         try:
-            with Image.open(f) as img:
-                rgb = np.asarray(img.convert("RGB"), dtype=np.float32) / 255
-        except (OSError, ValueError) as exc:
-            raise SystemExit(f"{f}: not a readable photo ({exc})") from None
-        photos.append((f.stem, rgb))
+            image = codecs.decode(f.read_bytes(), str(f))
+        except codecs.CodecError as exc:
+            raise SystemExit(f"{f}: not a readable photo ({exc.reason})") from None
+        photos.append((f.stem, to_rgb_float(image.pages[0].samples)))
     if not photos:
         raise SystemExit(f"no photos in {', '.join(map(str, paths))}")
     return photos
@@ -264,7 +263,7 @@ def main() -> None:
     parser.add_argument("--task", action="append", choices=sorted(EVALUATORS),
                         help="measure only these tasks (repeatable); the other sections of OUT/quality.json are kept")
     parser.add_argument("--photos", type=Path, action="append",
-                        help="measure on these 8-bit photos (files or folders; repeatable) instead of the held-out "
+                        help="measure on these photos (files or folders; repeatable) instead of the held-out "
                              "scikit-image ones; cards are then never updated")
     args = parser.parse_args()
     if args.photos and args.update_cards:
